@@ -1,0 +1,1 @@
+"""Model zoo (registry), the paper's recipes and data loading."""

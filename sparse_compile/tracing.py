@@ -1,0 +1,73 @@
+"""FX tracing shared by the trainer and the compiler, with timm's and torchvision's leaf helpers."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+SPARSE_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def _timm_notrace():
+    try:
+        from timm.layers import _fx as tfx  # timm >= 0.9 keeps the registries here
+    except Exception:  # timm absent or reorganised: plain FX is still correct, just traces deeper
+        return (), ()
+    return tuple(tfx.get_notrace_modules()), tuple(tfx.get_notrace_functions())
+
+
+class Tracer(fx.Tracer):
+    """``torch.fx.Tracer`` that keeps timm's no-trace modules as leaves and wraps its no-trace functions.
+
+    Linear and Conv2d are leaves already (every ``torch.nn`` module is), so each appears as one
+    ``call_module`` node that a pass can rewrite.
+    """
+
+    def __init__(self, leaf_modules: Iterable[type] = ()):
+        mods, funcs = _timm_notrace()
+        super().__init__(autowrap_functions=funcs)
+        self._leaf_types = tuple(mods) + tuple(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a ``GraphModule`` (raises what FX raises when it cannot)."""
+    tracer = Tracer(leaf_modules)
+    graph = tracer.trace(model)
+    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def sparse_module_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """``call_module`` nodes whose target is a Linear or Conv2d, in graph order."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), SPARSE_TYPES):
+            out.append(n)
+    return out
+
+
+def output_feeding_modules(gm: fx.GraphModule) -> set[str]:
+    """Names of Linear/Conv2d modules whose output reaches the graph output without passing through
+    another Linear/Conv2d (the classifier head(s): never to be ablated)."""
+    found: set[str] = set()
+    out_node: Optional[fx.Node] = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out_node is None:
+        return found
+    stack, seen = list(out_node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), SPARSE_TYPES):
+            found.add(str(n.target))
+            continue
+        stack.extend(n.all_input_nodes)
+    return found

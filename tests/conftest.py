@@ -1,0 +1,21 @@
+"""Shared test set-up.
+
+Triton kernels run on CPU through the interpreter when there is no GPU; the variable must be set
+before anything imports triton, which is why it happens here, first.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
