@@ -55,6 +55,14 @@ def _check_weight(weight: torch.Tensor, name: str) -> None:
         )
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The [out, fan-in] matrix view of a weight (explicit sizes: -1 is ambiguous when out == 0)."""
+    fan = 1
+    for s in t.shape[1:]:
+        fan *= int(s)
+    return t.reshape(t.shape[0], fan)
+
+
 def get_mask(module: torch.nn.Module) -> Optional[torch.Tensor]:
     """The boolean live-weight mask a module carries, or None.
 
@@ -141,7 +149,7 @@ class LayerAnalysis:
 
 def analyze(weight: torch.Tensor, mask: Optional[torch.Tensor] = None, name: str = "weight") -> LayerAnalysis:
     """Per-neuron fan-in, active / ablated neurons and sparsity of a Linear or Conv weight."""
-    live = live_mask(weight, mask, name).reshape(weight.shape[0], -1)
+    live = _rows(live_mask(weight, mask, name))
     fan_in = live.sum(dim=1).to(torch.int64).cpu()
     active = torch.nonzero(fan_in > 0).flatten()
     return LayerAnalysis(
@@ -324,8 +332,8 @@ def to_condensed(
         raise ValueError(f"layer {name!r}: index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
     if index_dtype == torch.int16 and info.fan_in_dense - 1 > torch.iinfo(torch.int16).max:
         raise ValueError(f"layer {name!r}: int16 indices cannot address a fan-in dimension of {info.fan_in_dense}")
-    live = live_mask(weight, mask, name).reshape(info.out_features, -1)
-    w2 = weight.detach().reshape(info.out_features, -1)
+    live = _rows(live_mask(weight, mask, name))
+    w2 = _rows(weight.detach())
     act = info.active_rows.to(weight.device)
     live_a = live[act]
     k = info.fan_in_max
@@ -403,8 +411,8 @@ def to_csr(
 ) -> CSRForm:
     """CSR of the live entries (live zeros under a mask are stored explicitly, so the pattern is kept)."""
     info = analyze(weight, mask, name)
-    live = live_mask(weight, mask, name).reshape(info.out_features, -1)
-    w2 = weight.detach().reshape(info.out_features, -1)
+    live = _rows(live_mask(weight, mask, name))
+    w2 = _rows(weight.detach())
     rows = info.active_rows.to(weight.device) if active_only else None
     if rows is not None:
         live, w2 = live[rows], w2[rows]
@@ -412,5 +420,7 @@ def to_csr(
     crow = torch.zeros(live.shape[0] + 1, dtype=torch.int64, device=weight.device)
     crow[1:] = torch.cumsum(counts, 0)
     r, c = torch.nonzero(live, as_tuple=True)
-    csr = torch.sparse_csr_tensor(crow, c, w2[r, c], size=tuple(live.shape), dtype=weight.dtype, device=weight.device)
+    csr = torch.sparse_csr_tensor(crow, c, w2[r, c], size=tuple(live.shape), dtype=weight.dtype, device=weight.device,
+        check_invariants=False,  # built from a nonzero() scan, valid by construction
+    )
     return CSRForm(csr, rows, tuple(weight.shape), name)

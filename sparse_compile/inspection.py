@@ -110,11 +110,11 @@ def inspect(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> InspectRepor
         return report
     if isinstance(model, Mapping):
         for key, w in model.items():
-            if not key.endswith("weight") or not isinstance(w, torch.Tensor) or w.dim() not in (2, 4):
+            if not key.endswith(".weight") or not isinstance(w, torch.Tensor) or w.dim() not in (2, 4):
                 continue
             if not w.is_floating_point():
                 continue
-            name = key[: -len(".weight")] if key.endswith(".weight") else key
+            name = key[: -len(".weight")]
             report.append(_record(name, w, model.get(key + "_mask")))
         return report
     raise TypeError(f"inspect expects an nn.Module or a state dict, got {type(model).__name__}")

@@ -1,0 +1,302 @@
+"""Registration of ``torch.ops.sparse_compile.condensed_linear`` / ``condensed_conv2d``.
+
+Design:
+
+* The public ops are ``torch.library.triton_op``s. Eagerly they run the Python body below; under
+  ``torch.compile`` AOTAutograd decomposes them into that body, so on CUDA inductor sees the
+  ``wrap_triton`` kernel launches (and can autotune / fuse around them) and on CPU it sees one call
+  to the C++ op ``sparse_compile::_condensed_linear_cpu`` (an extern kernel, not a decomposition).
+  ``torch.export`` keeps the public op as a single node (triton ops are not decomposed on export).
+* The body dispatches by device: CUDA -> the Triton launchers in ``triton_linear`` /
+  ``triton_conv`` (imported on first CUDA call), CPU -> the C++ ops (JIT-built on first call, see
+  ``cpu.py``), anything else or a missing kernel -> the plain-torch reference.
+* The private C++ ops' schemas and fake kernels are defined here, in Python, so tracing works
+  whether or not the C++ build succeeded; the built library only adds the CPU kernels.
+* Gradients (x, values, bias) use plain torch ops through the dense weight, which keeps memory
+  at the dense layer's size for any batch.
+* ``condensed_linear`` / ``condensed_conv2d`` (the Python wrappers) check arguments and, in plain
+  eager inference on CPU, call the C++ op directly: the triton_op/autograd Python layers cost
+  more than the batch-1 kernel itself.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import cpu
+from .reference import condensed_conv2d_ref, condensed_linear_ref, dense_weight
+
+__all__ = ["condensed_linear", "condensed_conv2d", "check_linear_args", "check_conv2d_args"]
+
+_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.int16, torch.int32)
+
+# ---------------------------------------------------------------------------------------------
+# Private C++ CPU ops: schema + fake here, CPU kernels registered by kernels/csrc/condensed_cpu.cpp.
+# ---------------------------------------------------------------------------------------------
+_lib = torch.library.Library("sparse_compile", "FRAGMENT")
+_lib.define("_condensed_linear_cpu(Tensor x, Tensor values, Tensor indices, Tensor? bias) -> Tensor")
+_lib.define(
+    "_condensed_conv2d_cpu(Tensor x, Tensor values, Tensor indices, Tensor? bias, int[2] kernel_size, "
+    "int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
+)
+
+
+def _conv_out_hw(h, w, kernel_size, stride, padding, dilation):
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+@torch.library.register_fake("sparse_compile::_condensed_linear_cpu", lib=_lib)
+def _linear_cpu_fake(x, values, indices, bias):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake("sparse_compile::_condensed_conv2d_cpu", lib=_lib)
+def _conv_cpu_fake(x, values, indices, bias, kernel_size, stride, padding, dilation):
+    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    return x.new_empty((x.shape[0], values.shape[0], ho, wo))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton launchers (written in triton_linear.py / triton_conv.py), imported on first CUDA use so
+# that `import sparse_compile` never imports triton.
+# ---------------------------------------------------------------------------------------------
+_TRITON = {}
+
+
+def _triton_fn(module: str, name: str):
+    key = (module, name)
+    if key not in _TRITON:
+        fn = None
+        try:
+            fn = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{module}":
+                warnings.warn(f"sparse_compile: {module} failed to import ({e}); using the reference on CUDA")
+        except (ImportError, AttributeError) as e:
+            warnings.warn(f"sparse_compile: {module}.{name} unavailable ({e}); using the reference on CUDA")
+        _TRITON[key] = fn
+    return _TRITON[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (cheap: shapes, dtypes, devices; index ranges are the formats module's job).
+# ---------------------------------------------------------------------------------------------
+def check_linear_args(x, values, indices, bias, op: str = "condensed_linear") -> None:
+    """Raise a clear TypeError/ValueError naming the faulty argument of a condensed linear call."""
+    for name, t in (("x", x), ("values", values), ("indices", indices)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (the fan-in), got a 0-d tensor")
+    if x.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"{op}: x dtype {x.dtype} not supported (float32, float16, bfloat16, float64)")
+    if values.dim() != 2:
+        raise ValueError(f"{op}: values must be 2-D [n, k], got shape {tuple(values.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: values dtype {values.dtype} must match x dtype {x.dtype}")
+    if indices.shape != values.shape:
+        raise ValueError(
+            f"{op}: indices shape {tuple(indices.shape)} must equal values shape {tuple(values.shape)}"
+        )
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{op}: indices dtype {indices.dtype} not supported (int16 or int32)")
+    if values.device != x.device or indices.device != x.device:
+        raise ValueError(
+            f"{op}: x ({x.device}), values ({values.device}) and indices ({indices.device}) "
+            "must be on the same device"
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (values.shape[0],):
+            raise ValueError(f"{op}: bias shape {tuple(bias.shape)} must be ({values.shape[0]},) (one per neuron)")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} must match x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias device {bias.device} must match x device {x.device}")
+
+
+def _pair(v, name: str, op: str):
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(e) for e in v)
+    if len(t) != 2:
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation):
+    """Check a condensed conv2d call; returns the four int pairs. Raises naming the faulty argument."""
+    op = "condensed_conv2d"
+    check_linear_args(x, values, indices, bias, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    ks, st, pd, dl = (_pair(v, n, op) for v, n in (
+        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:
+        raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
+                         f"{ks}, {st}, {dl}, {pd}")
+    fan_in = x.shape[1] * ks[0] * ks[1]
+    if values.shape[1] > fan_in:
+        raise ValueError(f"{op}: k = {values.shape[1]} exceeds the fan-in C*kh*kw = {fan_in}")
+    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], ks, st, pd, dl)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{op}: input {tuple(x.shape[2:])} too small for kernel {ks} with padding {pd}, "
+                         f"dilation {dl}")
+    return ks, st, pd, dl
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops.
+# ---------------------------------------------------------------------------------------------
+def _linear_impl(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]) -> Tensor:
+    dev = x.device.type
+    if dev == "cpu":
+        if cpu.load():
+            return torch.ops.sparse_compile._condensed_linear_cpu(x, values, indices, bias)
+    elif dev == "cuda":
+        fn = _triton_fn("triton_linear", "condensed_linear_triton")
+        if fn is not None:
+            return fn(x, values, indices, bias)
+    return condensed_linear_ref(x, values, indices, bias)
+
+
+@torch.library.triton_op("sparse_compile::condensed_linear", mutates_args=())
+def _condensed_linear_op(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return _linear_impl(x, values, indices, bias)
+
+
+@torch.library.triton_op(
+    "sparse_compile::condensed_conv2d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor values, Tensor indices, Tensor? bias, int[2] kernel_size, int[2] stride, "
+    "int[2] padding, int[2] dilation) -> Tensor",
+)
+def _condensed_conv2d_op(x, values, indices, bias, kernel_size, stride, padding, dilation):
+    dev = x.device.type
+    if dev == "cpu":
+        if cpu.load():
+            return torch.ops.sparse_compile._condensed_conv2d_cpu(
+                x, values, indices, bias, kernel_size, stride, padding, dilation)
+        return condensed_conv2d_ref(x, values, indices, bias, kernel_size, stride, padding, dilation)
+    if dev == "cuda":
+        fn = _triton_fn("triton_conv", "condensed_conv2d_triton")
+        if fn is not None:
+            return fn(x, values, indices, bias, kernel_size, stride, padding, dilation)
+        # im2col + the condensed linear kernel: [N, L, C*kh*kw] @ condensed -> [N, L, n].
+        n_img = x.shape[0]
+        ho, wo = _conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+        cols = torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2)
+        y = _linear_impl(cols, values, indices, bias)
+        return y.transpose(1, 2).reshape(n_img, values.shape[0], ho, wo)
+    return condensed_conv2d_ref(x, values, indices, bias, kernel_size, stride, padding, dilation)
+
+
+# --- autograd (plain torch through the dense weight) -------------------------------------------
+def _linear_setup(ctx, inputs, output):
+    x, values, indices, bias = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, gy):
+    x, values, indices = ctx.saved_tensors
+    need_x, need_v, _, need_b = ctx.needs_input_grad
+    gx = gv = gb = None
+    n, fan_in = values.shape[0], x.shape[-1]
+    if need_x:
+        gx = gy.matmul(dense_weight(values, indices, fan_in))
+    if need_v:
+        g2 = gy.reshape(-1, n)
+        gv = g2.t().matmul(x.reshape(-1, fan_in)).gather(1, indices.long())
+    if need_b and ctx.has_bias:
+        gb = gy.reshape(-1, n).sum(0)
+    return gx, gv, None, gb
+
+
+_condensed_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, values, indices, bias, kernel_size, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.has_bias = bias is not None
+    ctx.conf = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _conv_backward(ctx, gy):
+    x, values, indices = ctx.saved_tensors
+    (kh, kw), stride, padding, dilation = ctx.conf
+    need_x, need_v, _, need_b = ctx.needs_input_grad[:4]
+    n, c = values.shape[0], x.shape[1]
+    w = dense_weight(values, indices, c * kh * kw).reshape(n, c, kh, kw)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gy, x, w, [n] if ctx.has_bias else None, list(stride), list(padding), list(dilation),
+        False, [0, 0], 1, [need_x, need_v, need_b and ctx.has_bias],
+    )
+    gv = gw.reshape(n, -1).gather(1, indices.long()) if need_v else None
+    return gx, gv, None, (gb if need_b and ctx.has_bias else None), None, None, None, None
+
+
+_condensed_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python wrappers.
+# ---------------------------------------------------------------------------------------------
+def _plain_eager(*tensors) -> bool:
+    """True when no autograd, tracing, tensor subclass or dispatch mode needs the public op."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def condensed_linear(
+    x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
+    """``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]``.
+
+    ``x [..., fan_in]`` (any leading dims, any strides), ``values [n, k]`` of x's dtype (fp32, bf16,
+    fp16, fp64), ``indices [n, k]`` int16/int32 (trusted to lie in ``[0, fan_in)``, as the
+    formats module guarantees), ``bias [n]`` or None. Returns ``[..., n]``. Differentiable w.r.t.
+    x, values and bias. Calls ``torch.ops.sparse_compile.condensed_linear``.
+    """
+    check_linear_args(x, values, indices, bias)
+    if values.shape[1] > x.shape[-1]:
+        raise ValueError(f"condensed_linear: k = {values.shape[1]} exceeds x's fan-in {x.shape[-1]}")
+    if x.device.type == "cpu" and cpu.is_loaded() and _plain_eager(x, values, bias):
+        return torch.ops.sparse_compile._condensed_linear_cpu(x, values, indices, bias)
+    return torch.ops.sparse_compile.condensed_linear(x, values, indices, bias)
+
+
+def condensed_conv2d(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    bias: Optional[Tensor] = None,
+    kernel_size: Sequence[int] = (1, 1),
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+) -> Tensor:
+    """Conv2d (groups=1) of ``x [N, C, H, W]`` with a condensed weight.
+
+    ``values``/``indices [n, k]`` index the fan-in ``C*kh*kw`` in ``weight.reshape(out, -1)`` order
+    (F.unfold's column order). Ints or pairs for kernel_size/stride/padding/dilation. Returns
+    ``[N, n, Ho, Wo]``. Calls ``torch.ops.sparse_compile.condensed_conv2d``.
+    """
+    ks, st, pd, dl = check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation)
+    if x.device.type == "cpu" and cpu.is_loaded() and _plain_eager(x, values, bias):
+        return torch.ops.sparse_compile._condensed_conv2d_cpu(x, values, indices, bias, ks, st, pd, dl)
+    return torch.ops.sparse_compile.condensed_conv2d(x, values, indices, bias, ks, st, pd, dl)
