@@ -15,14 +15,16 @@ Design:
 * Gradients (x, values, bias) use plain torch ops through the dense weight, which keeps memory
   at the dense layer's size for any batch.
 * ``condensed_linear`` / ``condensed_conv2d`` (the Python wrappers) check arguments and, in plain
-  eager inference on CPU, call the C++ op directly: the triton_op/autograd Python layers cost
-  more than the batch-1 kernel itself.
+  eager inference (no autograd, no tracing, plain tensors), call the C++ op or the Triton
+  launcher directly: the triton_op/autograd Python layers (~25 us a call) cost more than a
+  batch-1 kernel. Anything else goes through the registered op.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -68,6 +70,20 @@ def _conv_cpu_fake(x, values, indices, bias, kernel_size, stride, padding, dilat
 # that `import sparse_compile` never imports triton.
 # ---------------------------------------------------------------------------------------------
 _TRITON = {}
+_TRITON_OP = {"triton_linear": "sparse_compile::condensed_linear", "triton_conv": "sparse_compile::condensed_conv2d"}
+
+
+def _record_kernels(mod, op_name: str) -> None:
+    """Tell AOTAutograd's cache which Triton kernels an op runs, so editing them invalidates it."""
+    try:
+        import torch._library.triton as tl
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        kernels = [v for v in vars(mod).values() if isinstance(v, (JITFunction, Autotuner))]
+        tl.triton_ops_to_kernels[op_name] = kernels
+    except Exception:  # cache keys are an optimisation; never fail a call over them
+        pass
 
 
 def _triton_fn(module: str, name: str):
@@ -75,7 +91,9 @@ def _triton_fn(module: str, name: str):
     if key not in _TRITON:
         fn = None
         try:
-            fn = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+            mod = importlib.import_module(f"{__package__}.{module}")
+            fn = getattr(mod, name)
+            _record_kernels(mod, _TRITON_OP[module])
         except ModuleNotFoundError as e:
             if e.name != f"{__package__}.{module}":
                 warnings.warn(f"sparse_compile: {module} failed to import ({e}); using the reference on CUDA")
@@ -156,11 +174,22 @@ def check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, di
 # ---------------------------------------------------------------------------------------------
 # Public ops.
 # ---------------------------------------------------------------------------------------------
+_CPU_OP = None  # the C++ linear op's OpOverload once the library is loaded (the eager fast path)
+
+
+def _cpu_ready() -> bool:
+    global _CPU_OP
+    if cpu.load():
+        _CPU_OP = torch.ops.sparse_compile._condensed_linear_cpu.default
+        return True
+    return False
+
+
 def _linear_impl(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor]) -> Tensor:
     dev = x.device.type
     if dev == "cpu":
-        if cpu.load():
-            return torch.ops.sparse_compile._condensed_linear_cpu(x, values, indices, bias)
+        if _cpu_ready():
+            return torch.ops.sparse_compile._condensed_linear_cpu.default(x, values, indices, bias)
     elif dev == "cuda":
         fn = _triton_fn("triton_linear", "condensed_linear_triton")
         if fn is not None:
@@ -168,22 +197,49 @@ def _linear_impl(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tens
     return condensed_linear_ref(x, values, indices, bias)
 
 
-@torch.library.triton_op("sparse_compile::condensed_linear", mutates_args=())
+def _triton_op(name: str):
+    """``torch.library.triton_op`` without its import-time source scan.
+
+    triton_op scans the body's source for kernels (for the AOTAutograd cache key), which imports
+    inductor and triton: ~2 s at ``import sparse_compile``. Our kernels live in separate modules
+    anyway, so the scan would find none; ``_triton_fn`` records them when it imports them.
+    """
+
+    def dec(fn):
+        import torch._library.triton as tl
+
+        orig = getattr(tl, "get_inner_triton_kernels", None)
+        if orig is not None:
+            tl.get_inner_triton_kernels = lambda f: []
+        try:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        finally:
+            if orig is not None:
+                tl.get_inner_triton_kernels = orig
+
+    return dec
+
+
+@_triton_op("sparse_compile::condensed_linear")
 def _condensed_linear_op(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return _linear_impl(x, values, indices, bias)
 
 
-@torch.library.triton_op(
-    "sparse_compile::condensed_conv2d",
-    mutates_args=(),
-    schema="(Tensor x, Tensor values, Tensor indices, Tensor? bias, int[2] kernel_size, int[2] stride, "
-    "int[2] padding, int[2] dilation) -> Tensor",
-)
-def _condensed_conv2d_op(x, values, indices, bias, kernel_size, stride, padding, dilation):
+@_triton_op("sparse_compile::condensed_conv2d")
+def _condensed_conv2d_op(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    bias: Optional[Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+) -> Tensor:
     dev = x.device.type
     if dev == "cpu":
-        if cpu.load():
-            return torch.ops.sparse_compile._condensed_conv2d_cpu(
+        if _cpu_ready():
+            return torch.ops.sparse_compile._condensed_conv2d_cpu.default(
                 x, values, indices, bias, kernel_size, stride, padding, dilation)
         return condensed_conv2d_ref(x, values, indices, bias, kernel_size, stride, padding, dilation)
     if dev == "cuda":
@@ -201,14 +257,15 @@ def _condensed_conv2d_op(x, values, indices, bias, kernel_size, stride, padding,
 
 # --- autograd (plain torch through the dense weight) -------------------------------------------
 def _linear_setup(ctx, inputs, output):
-    x, values, indices, bias = inputs
+    x, values, indices = inputs[:3]
     ctx.save_for_backward(x, values, indices)
-    ctx.has_bias = bias is not None
+    ctx.has_bias = len(inputs) > 3 and inputs[3] is not None
 
 
 def _linear_backward(ctx, gy):
     x, values, indices = ctx.saved_tensors
-    need_x, need_v, _, need_b = ctx.needs_input_grad
+    need = ctx.needs_input_grad  # 3 entries when bias was left at its default
+    need_x, need_v, need_b = need[0], need[1], len(need) > 3 and need[3]
     gx = gv = gb = None
     n, fan_in = values.shape[0], x.shape[-1]
     if need_x:
@@ -218,7 +275,7 @@ def _linear_backward(ctx, gy):
         gv = g2.t().matmul(x.reshape(-1, fan_in)).gather(1, indices.long())
     if need_b and ctx.has_bias:
         gb = gy.reshape(-1, n).sum(0)
-    return gx, gv, None, gb
+    return (gx, gv, None, gb)[: len(need)]
 
 
 _condensed_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -253,13 +310,47 @@ _condensed_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup
 # ---------------------------------------------------------------------------------------------
 def _plain_eager(*tensors) -> bool:
     """True when no autograd, tracing, tensor subclass or dispatch mode needs the public op."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if _is_compiling() or _dispatch_stack_len():
         return False
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for t in tensors:
         if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
             return False
     return True
+
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+
+
+def _direct_launch():
+    """Context for calling a wrap_triton launcher outside the triton_op: plain eager tensors need
+    no higher-order-op dispatch, which costs ~1 ms a call (triton_op's own eager path does this)."""
+    import torch._library.triton as tl
+
+    fn = getattr(tl, "set_wrap_triton_enabled", None)
+    return fn(False) if fn is not None else contextlib.nullcontext()
+
+
+def _linear_args_ok(x, values, indices, bias) -> bool:
+    """The common case of check_linear_args in a few attribute reads (no messages built)."""
+    try:
+        dt = x.dtype
+        return (
+            dt in _VALUE_DTYPES
+            and values.dtype is dt
+            and indices.dtype in _INDEX_DTYPES
+            and values.dim() == 2
+            and indices.shape == values.shape
+            and x.dim() >= 1
+            and values.shape[1] <= x.shape[-1]
+            and values.device == x.device
+            and indices.device == x.device
+            and (bias is None or (bias.dtype is dt and bias.shape == values.shape[:1] and bias.device == x.device))
+        )
+    except (AttributeError, TypeError):
+        return False
 
 
 def condensed_linear(
@@ -272,11 +363,20 @@ def condensed_linear(
     formats module guarantees), ``bias [n]`` or None. Returns ``[..., n]``. Differentiable w.r.t.
     x, values and bias. Calls ``torch.ops.sparse_compile.condensed_linear``.
     """
-    check_linear_args(x, values, indices, bias)
-    if values.shape[1] > x.shape[-1]:
-        raise ValueError(f"condensed_linear: k = {values.shape[1]} exceeds x's fan-in {x.shape[-1]}")
-    if x.device.type == "cpu" and cpu.is_loaded() and _plain_eager(x, values, bias):
-        return torch.ops.sparse_compile._condensed_linear_cpu(x, values, indices, bias)
+    if not _linear_args_ok(x, values, indices, bias):
+        check_linear_args(x, values, indices, bias)  # raises the precise error
+        raise ValueError(
+            f"condensed_linear: k = {values.shape[1]} exceeds x's fan-in {x.shape[-1]}"
+        )
+    if _plain_eager(x, values, bias):
+        dev = x.device.type
+        if dev == "cpu" and _CPU_OP is not None:
+            return _CPU_OP(x, values, indices, bias)
+        if dev == "cuda":
+            fn = _triton_fn("triton_linear", "condensed_linear_triton")
+            if fn is not None:
+                with _direct_launch():
+                    return fn(x, values, indices, bias)
     return torch.ops.sparse_compile.condensed_linear(x, values, indices, bias)
 
 
@@ -297,6 +397,13 @@ def condensed_conv2d(
     ``[N, n, Ho, Wo]``. Calls ``torch.ops.sparse_compile.condensed_conv2d``.
     """
     ks, st, pd, dl = check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation)
-    if x.device.type == "cpu" and cpu.is_loaded() and _plain_eager(x, values, bias):
-        return torch.ops.sparse_compile._condensed_conv2d_cpu(x, values, indices, bias, ks, st, pd, dl)
+    if _plain_eager(x, values, bias):
+        dev = x.device.type
+        if dev == "cpu" and _CPU_OP is not None:
+            return torch.ops.sparse_compile._condensed_conv2d_cpu.default(x, values, indices, bias, ks, st, pd, dl)
+        if dev == "cuda":
+            fn = _triton_fn("triton_conv", "condensed_conv2d_triton")
+            if fn is not None:
+                with _direct_launch():
+                    return fn(x, values, indices, bias, ks, st, pd, dl)
     return torch.ops.sparse_compile.condensed_conv2d(x, values, indices, bias, ks, st, pd, dl)

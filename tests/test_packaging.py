@@ -31,6 +31,8 @@ def test_regular_wheel_install(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     assert "sparse_compile/kernels/__init__.py" in names
     assert "sparse_compile/models/__init__.py" in names
+    assert "sparse_compile/commands/inspect.py" in names
+    assert "sparse_compile/kernels/csrc/condensed_cpu.cpp" in names
     assert not any(n.startswith(("kernels/", "models/", "tests/", "bench/")) for n in names)
     assert any(n.endswith("entry_points.txt") for n in names)
     subprocess.run(

@@ -1,0 +1,220 @@
+"""Implicit-gather Triton kernel for the condensed Conv2d (groups = 1).
+
+Output channel ``o`` has ``k`` live weights ``values[o, j]`` at fan-in positions
+``indices[o, j]`` of ``weight.reshape(out, -1)``, i.e. ``(c, r, s) = (idx // (kh*kw),
+(idx // kw) % kh, idx % kw)``. Then
+
+    y[b, o, p, q] = bias[o] + sum_j values[o, j] * x[b, c, p*sh - ph + r*dh, q*sw - pw + s*dw]
+
+with out-of-image taps reading 0 (padding). No im2col buffer is built: a program owns
+``BLOCK_N`` output channels and ``BLOCK_M`` output positions (``m = (b, p, q)`` flattened, so
+consecutive ``m`` are neighbouring pixels of one row: for stride 1 the gather of one tap is a
+contiguous run of an input row, the NCHW analogue of the feature-major layout of the linear
+kernel). As in the linear kernel the ``[BLOCK_N, BLOCK_J, BLOCK_M]`` accumulator is reduced over
+``J`` once at the end, and the bias is fused. Autotuned on (out channels, k, output-size bucket).
+
+Run ``python kernels/triton_conv.py`` for a correctness check.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from sparse_compile.kernels.triton_linear import _check, _pow2, needs_int64, run_kernel  # noqa: E402
+
+__all__ = ["condensed_conv2d_triton", "conv_configs"]
+
+
+@triton.jit
+def _condensed_conv2d_kernel(
+    x_ptr, v_ptr, i_ptr, bias_ptr, y_ptr,
+    C, H, W, O, HO, WO, k, M,
+    s_xn, s_xc, s_xh, s_xw, s_vn, s_vk, s_in, s_ik, s_yn, s_yc, s_yh, s_yw,
+    SH, SW, PH, PW, DH, DW,
+    M_BUCKET,  # autotune key only: the power-of-two output-size bucket
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One ``[BLOCK_N channels, BLOCK_M positions]`` output tile per program."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(O, BLOCK_N)
+    pid_n = pid % num_n
+    pid_m = pid // num_n
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        rn = rn.to(tl.int64)
+        rm = rm.to(tl.int64)
+    n_ok = rn < O
+    m_ok = rm < M
+    q = rm % WO
+    t = rm // WO
+    p = t % HO
+    img = t // HO
+    h0 = p * SH - PH
+    w0 = q * SW - PW
+    x_m = (img * s_xn + h0 * s_xh + w0 * s_xw)[None, None, :]
+    h0 = h0[None, None, :]
+    w0 = w0[None, None, :]
+    m_ok3 = m_ok[None, None, :]
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_N, BLOCK_J, BLOCK_M), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_J, BLOCK_M), dtype=tl.float32)
+    v_rows = v_ptr + rn[:, None] * s_vn
+    i_rows = i_ptr + rn[:, None] * s_in
+    for j0 in range(0, k, BLOCK_J):
+        rj = j0 + tl.arange(0, BLOCK_J)
+        m = n_ok[:, None] & (rj < k)[None, :]
+        idx = tl.load(i_rows + rj[None, :] * s_ik, mask=m, other=0)
+        if WIDE:
+            idx = idx.to(tl.int64)
+        else:
+            idx = idx.to(tl.int32)
+        w = tl.load(v_rows + rj[None, :] * s_vk, mask=m, other=0.0).to(acc.dtype)
+        c = idx // (KH * KW)
+        dr = ((idx // KW) % KH) * DH
+        ds = (idx % KW) * DW
+        h = h0 + dr[:, :, None]
+        ww = w0 + ds[:, :, None]
+        ok = m_ok3 & (h >= 0) & (h < H) & (ww >= 0) & (ww < W)
+        off = x_m + (c * s_xc + dr * s_xh + ds * s_xw)[:, :, None]
+        g = tl.load(x_ptr + off, mask=ok, other=0.0)
+        acc += g.to(acc.dtype) * w[:, :, None]
+    out = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[:, None]
+    y = y_ptr + (img * s_yn + p * s_yh + q * s_yw)[None, :] + rn[:, None] * s_yc
+    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+# (BLOCK_N, BLOCK_J, BLOCK_M, num_warps, num_stages): 16 accumulators per thread. Every gathered
+# element carries its own 64-bit address, row/column and padding mask (taps cross row ends, so
+# nothing vectorises), which is why bigger tiles spill registers.
+_CONV = [
+    (16, 4, 32, 4, 1),
+    (32, 2, 32, 4, 1),
+    (16, 2, 64, 4, 1),
+    (32, 4, 32, 8, 1),
+    (64, 2, 32, 8, 1),
+    (16, 4, 64, 8, 1),
+]
+_CONV_DEFAULT = dict(BLOCK_N=4, BLOCK_J=4, BLOCK_M=16, num_warps=4, num_stages=1)
+
+
+def conv_configs() -> list:
+    """The autotune config list of the conv kernel, as dicts that ``config=`` accepts."""
+    return [dict(BLOCK_N=a, BLOCK_J=b, BLOCK_M=c, num_warps=w, num_stages=s) for a, b, c, w, s in _CONV]
+
+
+def _pair(v, name: str):
+    if isinstance(v, int):
+        return int(v), int(v)
+    t = tuple(int(e) for e in v)
+    if len(t) != 2:
+        raise ValueError(f"condensed_conv2d_triton: {name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def condensed_conv2d_triton(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    *,
+    config: Optional[dict] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Conv2d (groups = 1) of ``x [N, C, H, W]`` (any strides) with a condensed weight.
+
+    ``values``/``indices [n, k]`` index the fan-in ``C*kh*kw`` in ``weight.reshape(out, -1)`` order
+    and are trusted to lie in range. Returns a contiguous ``[N, n, Ho, Wo]`` tensor in x's dtype
+    (fp32 accumulation). ``config``: a dict from :func:`conv_configs` to pin instead of
+    autotuning; ``out``: a contiguous output tensor to write into.
+    """
+    op = "condensed_conv2d_triton"
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-D [N, C, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check(x, values, indices, bias, None, op, fan_in=x.shape[1])
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
+                         f"{(kh, kw)}, {(sh, sw)}, {(dh, dw)}, {(ph, pw)}")
+    nb, c, h, w = x.shape
+    n, k = values.shape
+    if k > c * kh * kw:
+        raise ValueError(f"{op}: k = {k} exceeds the fan-in C*kh*kw = {c * kh * kw}")
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{op}: input {(h, w)} too small for kernel {(kh, kw)} with padding {(ph, pw)}, "
+                         f"dilation {(dh, dw)}")
+    shape = (nb, n, ho, wo)
+    if out is not None:
+        if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+            raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
+        y = out
+    else:
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    m_total = nb * ho * wo
+    if m_total == 0 or n == 0:
+        return y
+    if k == 0:
+        if bias is None:
+            y.zero_()
+        else:
+            y.copy_(bias.to(y.dtype)[None, :, None, None].expand(shape))
+        return y
+    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64,
+                WIDE=needs_int64(x, values, indices, y))
+    bucket = min(_pow2(m_total), 1 << 16)
+
+    def grid(m):
+        return (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(m_total, m["BLOCK_M"]),)
+
+    args = (x, values, indices, bias if bias is not None else values, y,
+            c, h, w, n, ho, wo, k, m_total,
+            *x.stride(), values.stride(0), values.stride(1), indices.stride(0), indices.stride(1), *y.stride(),
+            sh, sw, ph, pw, dh, dw, bucket)
+    run_kernel(_condensed_conv2d_kernel, grid, args, meta, config, ("conv",), conv_configs(),
+               ["O", "k", "M_BUCKET"], _CONV_DEFAULT, op)
+    return y
+
+
+def _main() -> None:
+    from sparse_compile.kernels.reference import condensed_conv2d_ref
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    nb, c, hw, o = (8, 64, 56, 128) if dev == "cuda" else (2, 3, 9, 5)
+    for ks, st, pd, dl in (((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((1, 1), 1, 0, 1), ((3, 3), 1, 2, 2)):
+        fan = c * ks[0] * ks[1]
+        k = max(1, fan // 10)
+        idx = torch.rand(o, fan, device=dev).argsort(1)[:, :k].sort(1).values.to(torch.int16)
+        vals = torch.randn(o, k, device=dev)
+        bias = torch.randn(o, device=dev)
+        x = torch.randn(nb, c, hw, hw, device=dev)
+        y = condensed_conv2d_triton(x, vals, idx, bias, ks, st, pd, dl)
+        ref = condensed_conv2d_ref(x.double(), vals.double(), idx, bias.double(), ks, (st, st), (pd, pd), (dl, dl))
+        err = float((y.double() - ref).abs().max() / ref.abs().max())
+        print(f"kernel {ks} stride {st} padding {pd} dilation {dl}: max rel err {err:.1e}")
+
+
+if __name__ == "__main__":
+    _main()

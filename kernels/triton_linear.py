@@ -1,0 +1,590 @@
+"""Triton kernels for the condensed (constant fan-in) linear layer.
+
+``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]`` with ``values``/``indices``
+``[n, k]``. Two kernels, picked by the batch size ``B`` (the product of x's leading dims):
+
+* **GEMV** (``B <= GEMV_MAX_BATCH``): reads ``x`` where it is (row-major, any strides). Each
+  program owns ``BLOCK_N`` neurons and ``BLOCK_B`` batch rows and walks the fan-in in
+  ``BLOCK_K``-wide tiles; an index tile is loaded once and used for every batch row of the
+  program. At batch 1 the layer is latency bound (the weights are ~0.15x dense bytes), so the
+  configs favour one k-tile per program (no serial chain of dependent loads) and enough programs
+  to keep every SM's memory pipe busy.
+* **Batched, feature-major** (larger ``B``): ``x`` is first copied to ``xt [in, Bp]`` (a tiled
+  transpose, skipped when x is already feature-major), so the row ``xt[idx]`` that one fan-in
+  entry needs is a contiguous batch slice: the gather becomes coalesced 128-byte row reads. A
+  program owns ``BLOCK_N`` neurons x ``REP_B * SUB_B`` batch columns: because indices are sorted
+  per row, all its neurons walk through ``xt`` together, in the same few-hundred-row window, so
+  each gathered row is fetched from L2 about once per program and then served ``~BLOCK_N*k/in``
+  times from L1. The accumulator keeps the fan-in step axis and is summed over it once, at the
+  end (no per-step cross-lane reduction); bias and the store back to row-major ``y`` are fused.
+  When the batch alone gives too few programs to fill the GPU, the fan-in is split across
+  programs and a second small kernel adds the partial sums (deterministic, no atomics).
+
+Both accumulate in fp32 (fp64 for fp64 inputs). Autotuned with ``triton.autotune``, keyed on
+``n``, ``k`` and the batch bucket (and the dtypes); each batch / fan-in bucket has its own short
+config list. Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the autotuner cannot benchmark,
+so a small fixed config is used unless ``config=`` pins one.
+
+Launches go through ``torch.library.wrap_triton`` when available so the kernels are visible to
+inductor when this launcher runs inside a ``torch.library.triton_op``.
+
+Run ``python kernels/triton_linear.py`` for a correctness check and a small benchmark.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from sparse_compile.kernels.reference import condensed_linear_ref  # noqa: E402
+
+
+__all__ = [
+    "condensed_linear_triton",
+    "linear_configs",
+    "to_feature_major",
+    "condensed_linear_ref",
+    "GEMV_MAX_BATCH",
+]
+
+#: Largest batch served by the GEMV kernel; above it the feature-major kernel wins (the copy
+#: to feature-major costs one extra pass over x, which small batches cannot amortise).
+GEMV_MAX_BATCH = 16
+#: Batch buckets above this use the "large" feature-major config list.
+_LARGE_BATCH = 512
+
+_INDEX_DTYPES = (torch.int16, torch.int32)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_I32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _condensed_gemv_kernel(
+    x_ptr, v_ptr, i_ptr, bias_ptr, y_ptr,
+    B, n, k,
+    s_xb, s_xi, s_vn, s_vk, s_in, s_ik, s_yb, s_yn,
+    HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small-batch kernel: ``y[b, rn] = sum_k v[rn, k] * x[b, idx[rn, k]]`` on row-major x."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(n, BLOCK_N)
+    pid_n = pid % num_n
+    pid_b = pid // num_n
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    if WIDE:
+        rn = rn.to(tl.int64)
+        rb = rb.to(tl.int64)
+    n_ok = rn < n
+    b_ok = rb < B
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    v_rows = v_ptr + rn[:, None] * s_vn
+    i_rows = i_ptr + rn[:, None] * s_in
+    x_rows = x_ptr + rb[:, None, None] * s_xb
+    for k0 in range(0, k, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        m = n_ok[:, None] & (rk < k)[None, :]
+        idx = tl.load(i_rows + rk[None, :] * s_ik, mask=m, other=0)
+        if WIDE:
+            idx = idx.to(tl.int64)
+        else:
+            idx = idx.to(tl.int32)
+        w = tl.load(v_rows + rk[None, :] * s_vk, mask=m, other=0.0).to(acc.dtype)
+        g = tl.load(x_rows + (idx * s_xi)[None, :, :], mask=b_ok[:, None, None] & m[None, :, :], other=0.0)
+        acc += g.to(acc.dtype) * w[None, :, :]
+    out = tl.sum(acc, axis=2)  # [BLOCK_B, BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    y = y_ptr + rb[:, None] * s_yb + rn[None, :] * s_yn
+    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _condensed_fm_kernel(
+    xt_ptr, v_ptr, i_ptr, bias_ptr, y_ptr,
+    B, Bp, n, k, k_per_split, num_splits,
+    s_xi, s_xb, s_vn, s_vk, s_in, s_ik, s_yb, s_yn, s_ys,
+    B_BUCKET,  # autotune key only: the power-of-two batch bucket
+    HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, REP_B: tl.constexpr, SUB_B: tl.constexpr,
+):
+    """Batched kernel on feature-major ``xt [in, Bp]``: gathers are contiguous batch slices.
+
+    A program covers ``BLOCK_N`` neurons and ``REP_B * SUB_B`` batch columns. The tile is 4-D,
+    ``[REP_B, BLOCK_N, BLOCK_J, SUB_B]``: SUB_B columns (one 128-byte line) are spread over the
+    lanes of a warp and the REP_B sub-blocks stay in each thread's registers, so one index and one
+    weight feed REP_B vector gathers, and triton loads them straight into the registers that
+    need them (a 3-D ``[BLOCK_N, BLOCK_J, BLOCK_B]`` tile makes it stage them through shared
+    memory behind barriers on every step). The next step's indices and weights are loaded before
+    this step's gathers, so their latency overlaps.
+
+    Columns ``B <= b < Bp`` of ``xt`` exist (padding) but are never stored: loading them keeps the
+    gather mask constant over 16 lanes, so the loads stay vectorised. With ``num_splits > 1`` the
+    fan-in is cut into chunks of ``k_per_split`` and split ``s`` writes its partial sums to
+    ``y_ptr + s * s_ys`` (a workspace that :func:`_split_sum_kernel` reduces); as indices are
+    sorted, a chunk of the fan-in only touches a band of ``xt``'s rows.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(n, BLOCK_N)
+    pid_n = pid % num_n
+    pid_s = (pid // num_n) % num_splits
+    pid_b = pid // (num_n * num_splits)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = pid_b * (REP_B * SUB_B) + tl.arange(0, REP_B)[:, None] * SUB_B + tl.arange(0, SUB_B)[None, :]
+    if WIDE:
+        rn = rn.to(tl.int64)
+        rb = rb.to(tl.int64)
+        pid_s = pid_s.to(tl.int64)
+    n_ok = rn < n
+    j_lo = pid_s * k_per_split
+    j_hi = tl.minimum(j_lo + k_per_split, k)
+    if ACC_F64:
+        acc = tl.zeros((REP_B, BLOCK_N, BLOCK_J, SUB_B), dtype=tl.float64)
+    else:
+        acc = tl.zeros((REP_B, BLOCK_N, BLOCK_J, SUB_B), dtype=tl.float32)
+    v_rows = v_ptr + rn[:, None] * s_vn
+    i_rows = i_ptr + rn[:, None] * s_in
+    x_cols = xt_ptr + (rb * s_xb)[:, None, None, :]
+    b_load = (rb < Bp)[:, None, None, :]
+    # Masked (n, j) lanes read index 0 with weight 0: a valid row, so the gather needs no per-lane
+    # mask beyond the batch one.
+    rj = j_lo + tl.arange(0, BLOCK_J)
+    m = n_ok[:, None] & (rj < j_hi)[None, :]
+    idx = tl.load(i_rows + rj[None, :] * s_ik, mask=m, other=0)
+    w = tl.load(v_rows + rj[None, :] * s_vk, mask=m, other=0.0)
+    for j0 in range(j_lo, j_hi, BLOCK_J):
+        rj = j0 + BLOCK_J + tl.arange(0, BLOCK_J)
+        m = n_ok[:, None] & (rj < j_hi)[None, :]
+        idx_next = tl.load(i_rows + rj[None, :] * s_ik, mask=m, other=0)
+        w_next = tl.load(v_rows + rj[None, :] * s_vk, mask=m, other=0.0)
+        if WIDE:
+            off = idx.to(tl.int64) * s_xi
+        else:
+            off = idx.to(tl.int32) * s_xi
+        g = tl.load(x_cols + off[None, :, :, None], mask=b_load, other=0.0)
+        acc += g.to(acc.dtype) * w.to(acc.dtype)[None, :, :, None]
+        idx = idx_next
+        w = w_next
+    out = tl.sum(acc, axis=2)  # [REP_B, BLOCK_N, SUB_B]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :, None]
+    y = y_ptr + pid_s * s_ys + rb[:, None, :] * s_yb + rn[None, :, None] * s_yn
+    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_ok[None, :, None] & (rb < B)[:, None, :])
+
+
+@triton.jit
+def _split_sum_kernel(ws_ptr, bias_ptr, y_ptr, total, n, num_splits, s_ws,
+                      HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """``y.flat = sum_s ws[s].flat (+ bias)``: the fan-in splits of :func:`_condensed_fm_kernel`."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if WIDE:
+        offs = offs.to(tl.int64)
+    ok = offs < total
+    p = ws_ptr + offs
+    acc = tl.load(p, mask=ok, other=0.0)
+    for _ in range(1, num_splits):
+        p += s_ws  # pointer arithmetic is 64-bit: no int32 overflow on big workspaces
+        acc += tl.load(p, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % n, mask=ok, other=0.0).to(acc.dtype)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _to_feature_major_kernel(
+    x_ptr, xt_ptr, B, IN, s_xb, s_xi, s_ti,
+    WIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """``xt[i, b] = x[b, i]``; triton stages the tile through shared memory so that both the
+    load (along i) and the store (along b) are coalesced."""
+    pid = tl.program_id(0)
+    num_b = tl.cdiv(B, BLOCK_B)
+    pid_b = pid % num_b
+    pid_i = pid // num_b
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    if WIDE:
+        rb = rb.to(tl.int64)
+        ri = ri.to(tl.int64)
+    m = (rb < B)[:, None] & (ri < IN)[None, :]
+    t = tl.load(x_ptr + rb[:, None] * s_xb + ri[None, :] * s_xi, mask=m)
+    tl.store(xt_ptr + ri[None, :] * s_ti + rb[:, None], t, mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers (shared with triton_conv.py)
+# ---------------------------------------------------------------------------------------------
+def interpreting() -> bool:
+    """True when triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through ``torch.library.wrap_triton`` (visible to inductor inside a triton_op)
+    when this torch has it, else directly."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is not None and not interpreting():
+        wrap(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether any element offset of these tensors can exceed int32 (then kernels use int64)."""
+    for t in tensors:
+        if t.numel() and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) >= _I32_MAX:
+            return True
+    return False
+
+
+def _tune_bench(fn, quantiles=None, **_):
+    # Short runs: the configs differ by tens of percent, and the default (25 ms warm-up, 100 ms
+    # per config) makes first calls and max-autotune slow.
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+_TUNERS: Dict[tuple, object] = {}
+
+
+def tuner(tag: tuple, kernel, configs: List[dict], key: List[str]):
+    """The (cached) ``triton.autotune`` wrapper of ``kernel`` for one config list ``tag``."""
+    t = _TUNERS.get(tag)
+    if t is None:
+        params = inspect.signature(triton.autotune).parameters
+        extra = {}
+        if "do_bench" in params:
+            extra["do_bench"] = _tune_bench
+        if "cache_results" in params:
+            extra["cache_results"] = True
+        cfgs = [_to_config(c) for c in configs]
+        t = triton.autotune(configs=cfgs, key=key, **extra)(kernel)
+        _TUNERS[tag] = t
+    return t
+
+
+def _to_config(c: dict):
+    c = dict(c)
+    num_warps = c.pop("num_warps", 4)
+    num_stages = c.pop("num_stages", 1)
+    return triton.Config(c, num_warps=num_warps, num_stages=num_stages)
+
+
+def run_kernel(kernel, grid, args: tuple, meta: dict, config: Optional[dict], tag: tuple,
+               configs: List[dict], key: List[str], default: dict, arg: str) -> None:
+    """Launch ``kernel`` with a pinned ``config``, or autotuned over ``configs``.
+
+    Interpreted runs cannot autotune (no device to time on), so they use ``default``.
+    """
+    if config is None and interpreting():
+        config = default
+    if config is not None:
+        names = {k for k in default if k not in ("num_warps", "num_stages")}
+        given = {k for k in config if k not in ("num_warps", "num_stages")}
+        if given != names:
+            raise ValueError(f"{arg}: config must set exactly {sorted(names)} (plus optional num_warps, "
+                             f"num_stages), got {sorted(given)}")
+        launch(kernel, grid, *args, **meta, **config)
+    else:
+        launch(tuner(tag, kernel, configs, key), grid, *args, **meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config lists (kept short: each config costs a compile and a timing on the first call of a key)
+# ---------------------------------------------------------------------------------------------
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _gemv_configs(b_bucket: int, k_bucket: int) -> List[dict]:
+    out, seen = [], set()
+    blocks_b = [b_bucket] if b_bucket < 8 else [b_bucket, b_bucket // 4]
+    for bb in blocks_b:
+        if bb == 1:
+            neuron_blocks = (2, 4, 8, 16)
+        elif bb == b_bucket:
+            neuron_blocks = (2, 4, 8)
+        else:  # a quarter of the batch per program: 4x the programs, indices re-read from L2
+            neuron_blocks = (2, 4)
+        for bn in neuron_blocks:
+            # ~4096 accumulators per program: one k-tile covers the ViT fan-ins at batch 1.
+            bk = min(k_bucket, max(16, 4096 // (bb * bn)))
+            elems = bb * bn * bk
+            nw = max(1, min(8, elems // 512))
+            key = (bb, bn, bk)
+            if key not in seen:
+                seen.add(key)
+                out.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=1))
+    return out
+
+
+# (BLOCK_N, BLOCK_J, REP_B, SUB_B, num_warps). SUB_B columns = one 128-byte line per gathered
+# row (32 fp32 / 64 bf16); REP_B such lines per index. More neurons per program = more L1 reuse
+# of each gathered row (a row serves ~BLOCK_N * k / in of them) but fewer programs, which the
+# fan-in splits make up for. All entries compile for sm_90 without spills and without shared
+# memory in the loop (checked with ptxas); ~80-130 registers.
+_FM_CONFIGS = {
+    (4, False): [(128, 1, 2, 32, 8), (64, 2, 2, 32, 8), (32, 4, 2, 32, 8), (16, 4, 2, 32, 4),
+                 (64, 1, 4, 32, 8), (32, 2, 4, 32, 4)],
+    (4, True): [(128, 1, 2, 32, 8), (64, 2, 2, 32, 8), (64, 1, 4, 32, 8), (128, 1, 4, 32, 8),
+                (64, 1, 4, 32, 4), (32, 2, 4, 32, 4)],
+    (2, False): [(128, 1, 2, 64, 8), (64, 2, 2, 64, 8), (32, 4, 2, 64, 8), (128, 1, 2, 32, 8),
+                 (32, 4, 2, 32, 8), (64, 2, 4, 32, 8)],
+    (2, True): [(128, 1, 2, 64, 8), (64, 2, 2, 64, 8), (32, 4, 2, 64, 8), (64, 2, 4, 32, 8),
+                (128, 1, 4, 32, 8), (128, 1, 2, 32, 8)],
+}
+
+
+def _fm_configs(large: bool, elem_size: int = 4) -> List[dict]:
+    table = _FM_CONFIGS[(2 if elem_size == 2 else 4, large)]  # fp64 uses the fp32 tiles
+    return [dict(BLOCK_N=a, BLOCK_J=b, REP_B=r, SUB_B=c, num_warps=w, num_stages=1) for a, b, r, c, w in table]
+
+
+# Small tiles for the interpreter: several programs and partial tiles even on tiny test shapes.
+_GEMV_DEFAULT = dict(BLOCK_B=2, BLOCK_N=4, BLOCK_K=8, num_warps=1, num_stages=1)
+_FM_DEFAULT = dict(BLOCK_N=8, BLOCK_J=4, REP_B=2, SUB_B=8, num_warps=4, num_stages=1)
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def _auto_splits(n: int, B: int, k: int, device: torch.device) -> int:
+    """Fan-in splits for the batched kernel: a typical tile (64 neurons x 64 batch columns)
+    gives too few programs on mid-size batches (768 x 256 -> 48 tiles for 132 SMs), and
+    shrinking the tile instead would cut the L1 reuse of gathered rows that the kernel lives on.
+    Aims at two programs per SM, with chunks of at least 32 fan-in entries."""
+    if device.type != "cuda" or k < 64:
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    tiles = triton.cdiv(n, 64) * triton.cdiv(B, 64)
+    want = 2 * _SM_COUNT[idx]
+    if tiles >= want:
+        return 1
+    return max(1, min(triton.cdiv(want, tiles), k // 32, 8))
+
+
+def _buckets(B: int, k: int):
+    return min(_pow2(B), GEMV_MAX_BATCH), min(max(_pow2(k), 16), 512)
+
+
+def linear_configs(kernel: str, batch: int, k: int, dtype: torch.dtype = torch.float32) -> List[dict]:
+    """The autotune config list (as pinnable dicts) that ``kernel`` ("gemv" or "batched") uses at
+    this batch size, fan-in and dtype of x."""
+    if kernel == "gemv":
+        return _gemv_configs(*_buckets(batch, k))
+    if kernel == "batched":
+        return _fm_configs(_pow2(batch) > _LARGE_BATCH, dtype.itemsize)
+    raise ValueError(f"kernel must be 'gemv' or 'batched', got {kernel!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=None):
+    """Shape / dtype / device checks shared by the launchers; errors name the faulty argument."""
+    for name, t in (("x", x), ("values", values), ("indices", indices)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension (the fan-in)")
+    if values.dim() != 2 or tuple(indices.shape) != tuple(values.shape):
+        raise ValueError(f"{op}: values {tuple(values.shape)} and indices {tuple(indices.shape)} "
+                         "must both be [n, k]")
+    if x.dtype not in _FLOAT_DTYPES or values.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x ({x.dtype}) and values ({values.dtype}) must be float16, bfloat16, "
+                        "float32 or float64")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{op}: indices dtype {indices.dtype} must be int16 or int32")
+    if fan_in is None and values.shape[1] > x.shape[-1]:
+        raise ValueError(f"{op}: k = {values.shape[1]} exceeds x's fan-in {x.shape[-1]}")
+    devs = {("x", x.device), ("values", values.device), ("indices", indices.device)}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (values.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"{op}: bias must have shape ({values.shape[0]},), got {shape}")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} must be a float dtype")
+        devs.add(("bias", bias.device))
+    if len({d for _, d in devs}) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got "
+                         + ", ".join(f"{n}={d}" for n, d in sorted(devs, key=str)))
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{op}: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                           f"imported, for CPU tensors); x is on {x.device}")
+    if out is not None:
+        want = (*x.shape[:-1], values.shape[0])
+        if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+            raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {want} on {x.device}")
+
+
+def to_feature_major(x2: torch.Tensor):
+    """``(xt, Bp)``: a view or copy of ``x2 [B, in]`` as ``xt [in, >=B]`` with unit batch stride.
+
+    A copy pads the batch to ``Bp``, a multiple of 16, so every row of ``xt`` is aligned (triton
+    specialises strides divisible by 16, which lets it vectorise the gathers); the pad columns are
+    left uninitialised and never reach the output.
+    """
+    B, fan_in = x2.shape
+    if x2.stride(0) == 1 and B > 1:
+        return x2.t(), B
+    bp = (B + 15) // 16 * 16
+    xt = torch.empty((fan_in, bp), dtype=x2.dtype, device=x2.device)
+    if interpreting() and bp > B:
+        xt[:, B:].zero_()  # only silences numpy overflow warnings on garbage pads; a launch on GPU
+    bb, bi = 64, 64
+    grid = (triton.cdiv(B, bb) * triton.cdiv(fan_in, bi),)
+    launch(_to_feature_major_kernel, grid, x2, xt, B, fan_in, x2.stride(0), x2.stride(1), xt.stride(0),
+           WIDE=needs_int64(x2, xt), BLOCK_B=bb, BLOCK_I=bi, num_warps=4)
+    return xt, bp
+
+
+def condensed_linear_triton(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    kernel: str = "auto",
+    config: Optional[dict] = None,
+    split_k: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]`` with Triton.
+
+    ``x [..., in]`` (any leading dims, any strides; fp32/bf16/fp16/fp64), ``values [n, k]`` (float,
+    any strides), ``indices [n, k]`` int16/int32 trusted to lie in ``[0, in)`` (the formats module
+    validates them), ``bias [n]`` or None. Returns ``[..., n]`` in x's dtype, accumulated in fp32
+    (fp64 for fp64 x).
+
+    ``kernel``: "auto" (GEMV up to ``GEMV_MAX_BATCH`` rows, else feature-major), "gemv" or
+    "batched". ``config``: a dict from :func:`linear_configs` (or the same keys) to pin instead of
+    autotuning. ``split_k``: fan-in chunks for the batched kernel (None: enough to give every SM
+    two programs when the batch alone cannot; partial sums go through an fp32 workspace and a
+    second, deterministic reduction kernel). ``out``: a contiguous output tensor to write into.
+    """
+    _check(x, values, indices, bias, out)
+    if kernel not in ("auto", "gemv", "batched"):
+        raise ValueError(f"condensed_linear_triton: kernel must be 'auto', 'gemv' or 'batched', got {kernel!r}")
+    n, k = values.shape
+    fan_in = x.shape[-1]
+    y = out if out is not None else torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    x2 = x.reshape(-1, fan_in)
+    B = x2.shape[0]
+    if B == 0 or n == 0:
+        return y
+    if k == 0:
+        if bias is None:
+            y.zero_()
+        else:
+            y.copy_(bias.to(y.dtype).expand(y.shape))
+        return y
+    if kernel == "auto":
+        kernel = "gemv" if B <= GEMV_MAX_BATCH else "batched"
+    meta = dict(HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64)
+    b_arg = bias if bias is not None else values  # never read when HAS_BIAS is False
+    # y is contiguous, so it is its own [B, n] matrix: the kernels get y itself, not a view of it
+    # (a view mutated by a kernel would cost a copy under functionalization).
+    common = (values.stride(0), values.stride(1), indices.stride(0), indices.stride(1), n, 1)
+    if kernel == "gemv":
+        meta["WIDE"] = needs_int64(x2, values, indices, y)
+        bb, kb = _buckets(B, k)
+
+        def grid(m):
+            return (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(B, m["BLOCK_B"]),)
+
+        args = (x2, values, indices, b_arg, y, B, n, k, x2.stride(0), x2.stride(1), *common)
+        run_kernel(_condensed_gemv_kernel, grid, args, meta, config, ("gemv", bb, kb),
+                   _gemv_configs(bb, kb), ["n", "k"], _GEMV_DEFAULT, "condensed_linear_triton")
+    else:
+        xt, bp = to_feature_major(x2)
+        splits = _auto_splits(n, B, k, x.device) if split_k is None else int(split_k)
+        if splits < 1:
+            raise ValueError(f"condensed_linear_triton: split_k must be >= 1, got {split_k}")
+        k_per = triton.cdiv(triton.cdiv(k, splits), 16) * 16  # chunk starts stay 32-byte aligned
+        splits = triton.cdiv(k, k_per)
+        if splits > 1:
+            acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            dst = torch.empty((splits, B, n), dtype=acc_dtype, device=x.device)
+            fm_meta = dict(meta, HAS_BIAS=False)
+            dst_strides = (dst.stride(1), dst.stride(2), dst.stride(0))
+        else:
+            dst, fm_meta, dst_strides = y, meta, (n, 1, 0)
+        fm_meta["WIDE"] = needs_int64(xt, values, indices, dst)
+        bucket = _pow2(B)
+        large = bucket > _LARGE_BATCH
+
+        def grid(m):
+            return (triton.cdiv(n, m["BLOCK_N"]) * splits * triton.cdiv(B, m["REP_B"] * m["SUB_B"]),)
+
+        args = (xt, values, indices, b_arg, dst, B, bp, n, k, k_per, splits, xt.stride(0), xt.stride(1),
+                *common[:4], *dst_strides, bucket)
+        esize = x.element_size()
+        run_kernel(_condensed_fm_kernel, grid, args, fm_meta, config, ("fm", large, esize), _fm_configs(large, esize),
+                   ["n", "k", "B_BUCKET", "num_splits"], _FM_DEFAULT, "condensed_linear_triton")
+        if splits > 1:
+            total, block = B * n, 1024
+            launch(_split_sum_kernel, (triton.cdiv(total, block),), dst, b_arg, y, total, n, splits,
+                   dst.stride(0), HAS_BIAS=bias is not None, WIDE=needs_int64(dst), BLOCK=block, num_warps=4)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-check and benchmark
+# ---------------------------------------------------------------------------------------------
+def _random_condensed(n: int, fan_in: int, k: int, dtype, device, index_dtype=torch.int16):
+    """Random constant fan-in weights: ``k`` distinct sorted indices per row."""
+    idx = torch.rand(n, fan_in, device=device).argsort(dim=1)[:, :k].sort(dim=1).values
+    vals = torch.randn(n, k, device=device, dtype=torch.float32).to(dtype)
+    return vals, idx.to(index_dtype)
+
+
+def _max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if ref.numel() == 0:
+        return 0.0
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _main() -> None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n, fan_in = (768, 3072) if dev == "cuda" else (40, 96)
+    print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (TRITON_INTERPRET=1)'}")
+    for sparsity in (0.9, 0.99):
+        k = max(1, round(fan_in * (1 - sparsity)))
+        vals, idx = _random_condensed(n, fan_in, k, torch.float32, dev)
+        bias = torch.randn(n, device=dev)
+        for batch in ((1, 7, 256, 2048) if dev == "cuda" else (1, 5, 33)):
+            x = torch.randn(batch, fan_in, device=dev)
+            y = condensed_linear_triton(x, vals, idx, bias)
+            ref = condensed_linear_ref(x.double(), vals.double(), idx, bias.double())
+            err = _max_rel_err(y, ref)
+            line = f"sparsity {sparsity:.2f} batch {batch:5d}: max rel err {err:.1e}"
+            if dev == "cuda":
+                w = vals.new_zeros(n, fan_in).scatter_(1, idx.long(), vals)
+                t_dense = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w, bias), return_mode="median")
+                t_cond = triton.testing.do_bench(lambda: condensed_linear_triton(x, vals, idx, bias),
+                                                 return_mode="median")
+                line += f"  dense {t_dense * 1e3:8.1f} us  condensed {t_cond * 1e3:8.1f} us  " \
+                        f"speed-up {t_dense / t_cond:5.2f}x"
+            print(line)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,116 @@
+"""``sparse-compile optimize CHECKPOINT --model NAME``: rewrite a trained sparse model and save it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    """Add the ``optimize`` subcommand."""
+    p = sub.add_parser(
+        "optimize",
+        help="rewrite a sparse checkpoint's layers into their fastest exact forms; print the per-layer table; save",
+        description="Load CHECKPOINT into the registered model NAME (masks included), run sparse_compile.optimize "
+                    "on inputs of the given batch size, print what was done per layer and save the result "
+                    "(safetensors + JSON rebuild spec; load it with sparse_compile.load).",
+    )
+    p.add_argument("checkpoint", help="state dict (.safetensors or torch file) of the trained model, masks included")
+    p.add_argument("--model", required=True, help="registered model name (see sparse_compile.models.list_models())")
+    p.add_argument("--mode", default="auto", help="auto, dense, structured, condensed or csr (default: auto)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input 'auto' times with")
+    p.add_argument("--device", default="cpu", help="device the result runs on and is timed on (default: cpu)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: read from the head weight)")
+    p.add_argument("--image-size", type=int, default=None, help="image size for models that take one (e.g. vit_b_16)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra builder argument (VALUE parsed as JSON when possible), repeatable")
+    p.add_argument("--repeats", type=int, default=15, help="timing repeats per form in 'auto' (default: 15)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the autotune cache")
+    p.add_argument("-o", "--output", default=None, help="output file (default: CHECKPOINT stem + '.sc.safetensors')")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _builder_kwargs(args) -> dict:
+    kw = {}
+    for item in args.model_arg:
+        if "=" not in item:
+            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            kw[k] = json.loads(v)
+        except ValueError:
+            kw[k] = v
+    if args.image_size is not None:
+        kw["image_size"] = args.image_size
+    return kw
+
+
+def _head_name(model) -> str:
+    from torch import nn
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not names:
+        raise ValueError("model has no Linear or Conv2d layer")
+    return names[-1]
+
+
+def build_model(name: str, state: dict, num_classes=None, **kw):
+    """The registered model ``name`` with ``state`` loaded; masks (``*.weight_mask``) become buffers.
+
+    ``num_classes`` defaults to the head weight's output size in ``state``.
+    """
+    from sparse_compile.models import create_model
+
+    model = create_model(name, **kw)
+    if num_classes is None:
+        head = _head_name(model)
+        w = state.get(f"{head}.weight")
+        if w is None:
+            raise ValueError(f"checkpoint has no '{head}.weight' (the head of {name!r}); is it a {name} checkpoint?")
+        num_classes = int(w.shape[0])
+    model = create_model(name, num_classes=num_classes, **kw)
+    for key, t in state.items():
+        if key.endswith(".weight_mask"):
+            mod_name = key[: -len(".weight_mask")]
+            try:
+                mod = model.get_submodule(mod_name)
+            except AttributeError:
+                raise ValueError(f"checkpoint mask {key!r} has no layer {mod_name!r} in model {name!r}") from None
+            mod.register_buffer("weight_mask", t.bool().clone())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not fit model {name!r}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return model.eval()
+
+
+def run(args) -> int:
+    """Load, optimize, print the report, save."""
+    import torch
+
+    from ..checkpoint import load_state_dict
+    from ..models import input_shape
+    from ..optimize import MODES, optimize
+    from ..serialize import save
+
+    if args.mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    state = load_state_dict(args.checkpoint)
+    kw = _builder_kwargs(args)
+    model = build_model(args.model, state, args.num_classes, **kw)
+    shape = input_shape(args.model, **kw)
+    x = torch.randn(args.batch_size, *shape, device=args.device)
+    opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache)
+    rep = opt.sparse_compile_report
+    ckpt = Path(args.checkpoint)
+    out = Path(args.output) if args.output else ckpt.parent / f"{ckpt.stem}.sc.safetensors"
+    save(opt, out)
+    if args.json:
+        print(json.dumps({**rep.to_dict(), "output": str(out)}, indent=2))
+    else:
+        print(rep)
+        print(f"saved {out} (load with sparse_compile.load)")
+    return 0

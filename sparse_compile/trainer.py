@@ -1,0 +1,727 @@
+"""Dynamic sparse training: :class:`SRigL`, :class:`RigL` and the :class:`StaticSparse` baseline.
+
+Usage (all three share it)::
+
+    sparsifier = SRigL(model, optimizer, sparsity=0.9, total_steps=T)
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()      # topology update every delta_t steps; keeps masked weights at 0
+        optimizer.zero_grad()
+
+How the masks are kept:
+
+* every sparse module gets a bool buffer ``weight_mask`` (so ``model.state_dict()`` holds the masks
+  and :func:`sparse_compile.formats.get_mask` reads them);
+* a post-accumulate-grad hook zeroes the gradient outside the mask as soon as it is accumulated, so
+  gradient clipping sees the sparse gradient and no optimizer (SGD with momentum and weight decay,
+  Adam, AdamW, ...) ever moves a masked weight: those stay exactly 0.0 after ``optimizer.step()``;
+* optimizer state (momentum, Adam moments: every state tensor of the parameter's shape) is zeroed for
+  weights pruned or grown at an update, and ``step()`` re-applies the masks to the weights as a cheap
+  guard against optimizers that write everywhere;
+* during the ``grad_accumulation`` steps before an update, a tensor hook also sums the *dense*
+  gradient (every micro-batch backward of those steps); the update uses its mean per step. Under
+  ``torch.distributed`` it is all-reduced and the new masks are broadcast from rank 0, so every rank
+  holds the same masks.
+
+Differences from the reference implementation, following the paper (see ``SRIGL.md``): sparse init
+std is ``sqrt(2/k)``; Adam/AdamW moments are reset along with SGD momentum.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .discovery import Discovery, Target, discover
+from .sparsity import (
+    DISTRIBUTIONS,
+    fan_in_dense,
+    layer_budgets,
+    layer_densities,
+    random_constant_fan_in_mask,
+    random_mask,
+    sparse_init_,
+)
+
+__all__ = ["SRigL", "RigL", "StaticSparse", "SparseTrainer", "SparsityReport", "LayerStats"]
+
+_STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------- report
+@dataclass
+class LayerStats:
+    """One layer of a :class:`SparsityReport`."""
+
+    name: str
+    kind: str  # "linear", "conv2d" or "param"
+    shape: tuple
+    fan_in_dense: int
+    fan_in_min: int  # over active neurons
+    fan_in_max: int
+    active: int
+    ablated: int
+    nnz: int
+    budget: int
+    sparsity: float
+    drop_fraction: float  # fraction of the live weights the last update removed
+    itop: float  # fraction of the weights ever live
+    head: bool = False
+    dense: bool = False  # dense by option or by the distribution (no mask)
+
+    @property
+    def fan_in(self) -> str:
+        """``k``, or ``min-max`` when the fan-in varies (RigL)."""
+        if self.fan_in_min == self.fan_in_max:
+            return str(self.fan_in_max)
+        return f"{self.fan_in_min}-{self.fan_in_max}"
+
+
+@dataclass
+class SparsityReport:
+    """State of a sparse training run: per layer, global figures and ITOP history.
+
+    Prints as a table; :meth:`to_dict` / :meth:`to_json` serialise it. ``history`` holds one entry per
+    topology update (and one for step 0): ``{"step", "itop", "layers": {name: itop}, "alpha",
+    "sparsity", "ablated"}``.
+    """
+
+    method: str
+    step: int
+    total_steps: Optional[int]
+    updates: int
+    target_sparsity: float
+    sparsity: float  # exact, from the masks, over every layer in the budget
+    itop: float
+    active: int
+    ablated: int
+    layers: list = field(default_factory=list)  # [LayerStats]
+    skipped: dict = field(default_factory=dict)  # layer -> why it is dense and outside the budget
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        d = asdict(self)
+        for rec, src in zip(d["layers"], self.layers):
+            rec["shape"] = list(rec["shape"])
+            rec["fan_in"] = src.fan_in
+        return d
+
+    def to_json(self, path=None, indent: int = 2) -> str:
+        """The report as JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "shape", "fan-in", "active", "ablated", "sparsity", "drop", "ITOP")
+        rows = []
+        for r in self.layers:
+            flag = " (head)" if r.head else (" (dense)" if r.dense else "")
+            rows.append((
+                r.name + flag, r.kind, "x".join(map(str, r.shape)), r.fan_in, str(r.active), str(r.ablated),
+                f"{100 * r.sparsity:.2f}%", f"{100 * r.drop_fraction:.1f}%", f"{100 * r.itop:.1f}%",
+            ))
+        w = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+        fmt = lambda row: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
+        lines = [fmt(head), "  ".join("-" * x for x in w), *map(fmt, rows)]
+        lines.append(
+            f"{self.method} step {self.step}" + (f"/{self.total_steps}" if self.total_steps else "")
+            + f", {self.updates} updates: global sparsity {100 * self.sparsity:.3f}% "
+            f"(target {100 * self.target_sparsity:.2f}%), ITOP {100 * self.itop:.1f}%, "
+            f"{self.active} active / {self.ablated} ablated neurons"
+        )
+        if self.skipped:
+            lines.append(f"dense, outside the budget: {', '.join(self.skipped)}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+# ---------------------------------------------------------------------------------------------- layer
+class _Layer:
+    """Runtime state of one sparse weight."""
+
+    def __init__(self, target: Target, budget: int):
+        self.target = target
+        self.budget = budget
+        shape = tuple(target.param.shape)
+        self.out = int(shape[0])
+        self.fan_in_dense = fan_in_dense(shape)
+        self.ever: Optional[torch.Tensor] = None
+        self.dense_grad: Optional[torch.Tensor] = None
+        self.last_drop = 0.0
+        self.handles: list = []
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def mask_name(self) -> str:
+        return f"{self.target.param_name}_mask"
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.target.param
+
+    @property
+    def mask(self) -> torch.Tensor:
+        # Looked up each time: model.to(device) replaces buffer objects.
+        return getattr(self.target.module, self.mask_name)
+
+
+def _nnz(mask: torch.Tensor) -> int:
+    """Number of True entries (``count_nonzero`` is ~15x faster than ``sum`` on a CPU bool tensor)."""
+    return int(torch.count_nonzero(mask))
+
+
+def _row_nnz(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per neuron (row of the ``[out, fan-in]`` view), int64."""
+    return torch.count_nonzero(mask.reshape(mask.shape[0], -1), dim=1)
+
+
+def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of ``scores``' shape with True at its ``n`` largest entries (layer-wide)."""
+    m = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n > 0:
+        m[torch.topk(scores.reshape(-1), n, sorted=False).indices] = True
+    return m.reshape(scores.shape)
+
+
+def _drop_smallest(aw: torch.Tensor, live: torch.Tensor, n: int) -> torch.Tensor:
+    """``live`` without its ``n`` smallest-magnitude entries (layer-wide).
+
+    Selecting among the live entries only keeps the top-k small: they are a fraction of the layer.
+    """
+    keep = live.clone()
+    if n > 0:
+        pos = torch.nonzero(live.reshape(-1)).flatten()
+        drop = torch.topk(aw.reshape(-1)[pos], n, largest=False, sorted=False).indices
+        keep.view(-1)[pos[drop]] = False
+    return keep
+
+
+def _check_int(name: str, v, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _check_frac(name: str, v, lo_open=True) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 < v <= 1 if lo_open else 0 <= v <= 1)
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(0, 1]' if lo_open else '[0, 1]'}, got {v!r}")
+    return float(v)
+
+
+def _dist_world() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+# -------------------------------------------------------------------------------------------- trainer
+class SparseTrainer:
+    """Shared machinery of :class:`SRigL`, :class:`RigL` and :class:`StaticSparse`.
+
+    Args:
+        model: the model (may be wrapped in DistributedDataParallel or torch.compile); its Linear and
+            Conv2d weights are found by FX tracing (see :func:`sparse_compile.discovery.discover`).
+        optimizer: the optimizer over the model's parameters (its state is reset for pruned/grown
+            weights), or None.
+        sparsity: target global sparsity over the sparse layers, in [0, 1).
+        total_steps: optimizer steps of the whole run (for the drop-fraction schedule).
+        delta_t: steps between topology updates.
+        alpha: initial drop fraction, cosine-decayed to 0 at ``t_end * total_steps``.
+        t_end: fraction of the run after which the topology is frozen.
+        distribution: ``"erk"`` or ``"uniform"`` layer-wise sparsity (:func:`layer_densities`).
+        grad_accumulation: number of steps before an update whose dense gradients are averaged.
+        dense_first, dense_qkv, exclude, head, leaf_modules: layer selection, see ``discover``.
+        init: re-initialise the budgeted weights with the sparse Kaiming init (std sqrt(2/k)); with
+            False the current weights are only masked.
+    """
+
+    method = "SparseTrainer"
+    dynamic = True  # False: the topology never changes
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer],
+        sparsity: float = 0.9,
+        total_steps: Optional[int] = None,
+        delta_t: int = 100,
+        alpha: float = 0.3,
+        t_end: float = 0.75,
+        distribution: str = "erk",
+        grad_accumulation: int = 1,
+        *,
+        dense_first: bool = False,
+        dense_qkv: bool = True,
+        exclude: Union[str, Iterable[str]] = (),
+        head: Optional[Union[str, Iterable[str]]] = None,
+        init: bool = True,
+        leaf_modules: Iterable[type] = (),
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        self.delta_t = _check_int("delta_t", delta_t)
+        self.alpha = _check_frac("alpha", alpha)
+        self.t_end = _check_frac("t_end", t_end)
+        self.grad_accumulation = _check_int("grad_accumulation", grad_accumulation)
+        if self.grad_accumulation > self.delta_t:
+            raise ValueError(f"grad_accumulation ({grad_accumulation}) cannot exceed delta_t ({delta_t})")
+        if total_steps is None:
+            if self.dynamic:
+                raise ValueError(f"{self.method} needs total_steps (the run's number of optimizer steps)")
+        else:
+            _check_int("total_steps", total_steps)
+        self.model = model
+        self.optimizer = optimizer
+        self.sparsity_target = float(sparsity)
+        self.total_steps = total_steps
+        self.distribution = distribution
+
+        disc: Discovery = discover(
+            model, dense_first=dense_first, dense_qkv=dense_qkv, exclude=exclude, head=head,
+            leaf_modules=leaf_modules,
+        )
+        self.discovery = disc
+        for t in disc.targets:
+            if hasattr(t.module, f"{t.param_name}_mask"):
+                raise ValueError(
+                    f"layer {t.name!r} already has a '{t.param_name}_mask' attribute, from another sparsifier "
+                    f"(a model keeps its masks after .remove()) or torch.nn.utils.prune; delete it "
+                    f"(del module.{t.param_name}_mask, or prune.remove) to start over"
+                )
+        self._shapes = {t.name: tuple(t.param.shape) for t in disc.targets}
+        self._densities = layer_densities(
+            self._shapes, self.sparsity_target, distribution, dense=[t.name for t in disc.targets if t.dense]
+        )
+        budgets = layer_budgets(self._shapes, self._densities, constant=True)
+        self._targets = disc.targets
+        self._layers: list[_Layer] = []
+        self._dense_targets: list[Target] = []
+        with torch.no_grad():
+            for t in disc.targets:
+                p = t.param
+                if budgets[t.name] >= p.numel():
+                    self._dense_targets.append(t)
+                    if init:
+                        sparse_init_(p)
+                    continue
+                layer = _Layer(t, budgets[t.name])
+                mask = self._initial_mask(layer).to(p.device)
+                t.module.register_buffer(layer.mask_name, mask)
+                layer.ever = mask.clone()
+                if init:
+                    sparse_init_(p, mask)
+                else:
+                    p.mul_(mask)
+                self._layers.append(layer)
+        self._step = 0
+        self._updates = 0
+        self._acc_steps = 0
+        self._history: list = []
+        self._warned_nonfinite = False
+        self._accumulating = self.dynamic and self._in_window(1)
+        self._hooks_on = False
+        self._install_hooks()
+        self._record_history(alpha=0.0)
+
+    # ------------------------------------------------------------------------------- schedule
+    @property
+    def t_end_step(self) -> int:
+        """Last step (exclusive) at which the topology may change."""
+        return int(self.t_end * self.total_steps) if self.total_steps else 0
+
+    def is_update_step(self, step: int) -> bool:
+        """True if the topology is updated when ``step()`` is called for the ``step``-th time."""
+        return self.dynamic and step > 0 and step % self.delta_t == 0 and step < self.t_end_step
+
+    def drop_fraction(self, step: int) -> float:
+        """Cosine-decayed drop fraction ``alpha/2 * (1 + cos(pi * step / t_end_step))``."""
+        if not self.t_end_step:
+            return 0.0
+        return self.alpha / 2 * (1 + math.cos(math.pi * min(step, self.t_end_step) / self.t_end_step))
+
+    def _in_window(self, step: int) -> bool:
+        # Dense gradients are collected for the grad_accumulation steps ending at an update step.
+        nxt = -(-step // self.delta_t) * self.delta_t
+        return nxt - step < self.grad_accumulation and self.is_update_step(nxt)
+
+    # ---------------------------------------------------------------------------------- hooks
+    def _install_hooks(self) -> None:
+        for layer in self._layers:
+            p = layer.param
+            layer.handles.append(p.register_hook(self._dense_grad_hook(layer)))
+            layer.handles.append(p.register_post_accumulate_grad_hook(self._mask_grad_hook(layer)))
+        self._hooks_on = True
+
+    def _dense_grad_hook(self, layer: _Layer):
+        def hook(grad: torch.Tensor):
+            if self._accumulating:
+                g = grad.detach()
+                if layer.dense_grad is None:
+                    layer.dense_grad = g.to(torch.float32, copy=True)
+                else:
+                    layer.dense_grad.add_(g)
+            return None
+
+        return hook
+
+    def _mask_grad_hook(self, layer: _Layer):
+        def hook(p: torch.Tensor):
+            if p.grad is not None:
+                p.grad.mul_(layer.mask)
+
+        return hook
+
+    def remove(self) -> None:
+        """Stop managing the model: remove the gradient hooks. The mask buffers stay on the model."""
+        for layer in self._layers:
+            for h in layer.handles:
+                h.remove()
+            layer.handles.clear()
+        self._hooks_on = False
+
+    # ---------------------------------------------------------------------------------- masks
+    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Parameter name (as in ``model.named_parameters()``) -> its bool mask buffer."""
+        return {layer.target.param_key: layer.mask for layer in self._layers}
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every weight outside its mask (in place)."""
+        for layer in self._layers:
+            layer.param.mul_(layer.mask)
+
+    # ----------------------------------------------------------------------------------- step
+    def step(self) -> None:
+        """Call once per optimizer step, after ``optimizer.step()``.
+
+        Updates the topology when due, otherwise re-applies the masks.
+        """
+        if not self._hooks_on:
+            raise RuntimeError(f"{self.method}.step() after remove()")
+        if self._accumulating:
+            self._acc_steps += 1
+        self._step += 1
+        if self.is_update_step(self._step):
+            self._update(self._step)
+        else:
+            self.apply_masks()
+        self._accumulating = self.dynamic and self._in_window(self._step + 1)
+
+    @torch.no_grad()
+    def _update(self, step: int) -> None:
+        alpha_t = self.drop_fraction(step)
+        n_acc = max(1, self._acc_steps)
+        layers = [layer for layer in self._layers if layer.dense_grad is not None]
+        for layer in self._layers:
+            layer.last_drop = 0.0
+        world = _dist_world()
+        if world > 1 and layers:
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            flat = _flatten_dense_tensors([layer.dense_grad for layer in layers])
+            torch.distributed.all_reduce(flat)
+            for layer, g in zip(layers, _unflatten_dense_tensors(flat, [layer.dense_grad for layer in layers])):
+                layer.dense_grad.copy_(g)
+            n_acc *= world
+        new_masks = []
+        for layer in layers:
+            g = layer.dense_grad.div_(n_acc)
+            if not torch.isfinite(g.sum()):  # one reduction; any inf/nan makes the sum non-finite
+                if not self._warned_nonfinite:
+                    warnings.warn(f"{self.method}: non-finite dense gradients at step {step} (e.g. layer "
+                                  f"{layer.name!r}); they are treated as 0 for regrowth", stacklevel=3)
+                    self._warned_nonfinite = True
+                g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            w2 = layer.param.detach().reshape(layer.out, -1).float()
+            m2 = layer.mask.reshape(layer.out, -1)
+            new = self._new_mask(layer, w2, m2, g.reshape(layer.out, -1).to(w2.device), alpha_t)
+            new_masks.append(new.reshape(layer.mask.shape))
+        if world > 1 and layers:
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            flat = _flatten_dense_tensors([m.to(torch.uint8) for m in new_masks])
+            torch.distributed.broadcast(flat, 0)
+            new_masks = [u.bool() for u in _unflatten_dense_tensors(flat, new_masks)]
+        for layer, new in zip(layers, new_masks):
+            self._apply_new_mask(layer, new)
+        for layer in self._layers:
+            layer.dense_grad = None
+        self._acc_steps = 0
+        self.apply_masks()
+        self._updates += 1
+        self._record_history(alpha=alpha_t)
+
+    def _new_mask(self, layer: _Layer, w2, m2, g2, alpha_t: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply_new_mask(self, layer: _Layer, new: torch.Tensor) -> None:
+        old = layer.mask
+        survive = old & new
+        n_old = _nnz(old)
+        layer.last_drop = (n_old - _nnz(survive)) / n_old if n_old else 0.0
+        p = layer.param
+        # Pruned weights go to 0; grown ones start at 0 (they were 0); a weight dropped and regrown
+        # in the same update keeps its value and its optimizer state.
+        p.mul_(survive)
+        if self.optimizer is not None:
+            for v in self.optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    v.mul_(survive)
+        old.copy_(new)
+        layer.ever = layer.ever.to(new.device)
+        layer.ever |= new
+
+    # --------------------------------------------------------------------------------- report
+    def _layer_itops(self) -> dict[str, float]:
+        out = {layer.name: _nnz(layer.ever) / layer.ever.numel() for layer in self._layers}
+        out.update({t.name: 1.0 for t in self._dense_targets})
+        return out
+
+    def _record_history(self, alpha: float) -> None:
+        itops = self._layer_itops()
+        ever = sum(_nnz(layer.ever) for layer in self._layers) + sum(t.param.numel() for t in self._dense_targets)
+        total = sum(math.prod(s) for s in self._shapes.values())
+        ablated = sum(layer.out - _nnz(_row_nnz(layer.mask)) for layer in self._layers)
+        self._history.append({
+            "step": self._step,
+            "itop": ever / total,
+            "layers": {t.name: itops[t.name] for t in self._targets},
+            "alpha": alpha,
+            "sparsity": self.sparsity,
+            "ablated": ablated,
+        })
+
+    @property
+    def step_count(self) -> int:
+        """Number of ``step()`` calls so far."""
+        return self._step
+
+    @property
+    def sparsity(self) -> float:
+        """Exact global sparsity now, over every layer in the budget."""
+        total = sum(math.prod(s) for s in self._shapes.values())
+        live = sum(_nnz(layer.mask) for layer in self._layers) + sum(t.param.numel() for t in self._dense_targets)
+        return 1.0 - live / total
+
+    def summary(self) -> dict:
+        """Small dict for a progress bar: step, sparsity, ITOP, ablated neurons."""
+        h = self._history[-1]
+        return {"step": self._step, "sparsity": self.sparsity, "itop": h["itop"], "ablated": h["ablated"]}
+
+    def report(self) -> SparsityReport:
+        """Per-layer and global state (see :class:`SparsityReport`)."""
+        itops = self._layer_itops()
+        by_name = {layer.name: layer for layer in self._layers}
+        recs = []
+        for t in self._targets:
+            shape = self._shapes[t.name]
+            kind = "linear" if isinstance(t.module, nn.Linear) and t.param_name == "weight" else (
+                "conv2d" if isinstance(t.module, nn.Conv2d) else "param")
+            fd = fan_in_dense(shape)
+            layer = by_name.get(t.name)
+            if layer is None:
+                recs.append(LayerStats(t.name, kind, shape, fd, fd, fd, shape[0], 0, math.prod(shape),
+                                       math.prod(shape), 0.0, 0.0, 1.0, t.head, True))
+                continue
+            fan = _row_nnz(layer.mask).cpu()
+            act = fan[fan > 0]
+            nnz = int(fan.sum())
+            recs.append(LayerStats(
+                t.name, kind, shape, fd, int(act.min()) if act.numel() else 0, int(act.max()) if act.numel() else 0,
+                int(act.numel()), layer.out - int(act.numel()), nnz, layer.budget, 1.0 - nnz / math.prod(shape),
+                layer.last_drop, itops[t.name], t.head, False,
+            ))
+        return SparsityReport(
+            method=self.method, step=self._step, total_steps=self.total_steps, updates=self._updates,
+            target_sparsity=self.sparsity_target, sparsity=self.sparsity, itop=self._history[-1]["itop"],
+            active=sum(r.active for r in recs), ablated=sum(r.ablated for r in recs), layers=recs,
+            skipped=dict(self.discovery.skipped), history=[dict(h) for h in self._history],
+        )
+
+    # ----------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-identically (masks included, though the model's own
+        state dict holds them too)."""
+        return {
+            "version": _STATE_VERSION,
+            "method": self.method,
+            "step": self._step,
+            "updates": self._updates,
+            "acc_steps": self._acc_steps,
+            "history": [dict(h) for h in self._history],
+            "layers": {
+                layer.name: {
+                    "mask": layer.mask.detach().cpu().clone(),
+                    "ever": layer.ever.detach().cpu().clone(),
+                    "dense_grad": None if layer.dense_grad is None else layer.dense_grad.detach().cpu().clone(),
+                    "budget": layer.budget,
+                    "last_drop": layer.last_drop,
+                }
+                for layer in self._layers
+            },
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output. Checks everything before changing anything."""
+        if not isinstance(state, dict) or "layers" not in state or "step" not in state:
+            raise ValueError(f"{self.method}.load_state_dict: not a sparsifier state dict")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"{self.method}.load_state_dict: unsupported state version {state.get('version')!r}")
+        if state.get("method") != self.method:
+            raise ValueError(f"{self.method}.load_state_dict: state was saved by {state.get('method')!r}")
+        saved, mine = set(state["layers"]), {layer.name for layer in self._layers}
+        if saved != mine:
+            raise ValueError(
+                f"{self.method}.load_state_dict: layers differ; missing {sorted(mine - saved)}, "
+                f"unexpected {sorted(saved - mine)}"
+            )
+        for layer in self._layers:
+            s = state["layers"][layer.name]
+            if tuple(s["mask"].shape) != tuple(layer.mask.shape) or s["mask"].dtype != torch.bool:
+                raise ValueError(f"layer {layer.name!r}: saved mask {tuple(s['mask'].shape)} {s['mask'].dtype} does "
+                                 f"not match {tuple(layer.mask.shape)} bool")
+            if int(s["budget"]) != layer.budget:
+                raise ValueError(f"layer {layer.name!r}: saved budget {s['budget']} != {layer.budget} (different "
+                                 f"sparsity or distribution?)")
+        for layer in self._layers:
+            s = state["layers"][layer.name]
+            dev = layer.mask.device
+            layer.mask.copy_(s["mask"].to(dev))
+            layer.ever = s["ever"].to(dev).clone()
+            layer.dense_grad = None if s["dense_grad"] is None else s["dense_grad"].to(dev).clone()
+            layer.last_drop = float(s["last_drop"])
+        self._step = int(state["step"])
+        self._updates = int(state["updates"])
+        self._acc_steps = int(state["acc_steps"])
+        self._history = [dict(h) for h in state["history"]]
+        self._accumulating = self.dynamic and self._in_window(self._step + 1)
+        self.apply_masks()
+
+    def __repr__(self) -> str:
+        return (f"{self.method}(layers={len(self._layers)}, sparsity={self.sparsity:.4f}, step={self._step}, "
+                f"delta_t={self.delta_t}, total_steps={self.total_steps})")
+
+
+# -------------------------------------------------------------------------------------- methods
+class StaticSparse(SparseTrainer):
+    """Random constant fan-in masks, never updated (the static sparse baseline).
+
+    Same arguments as :class:`SparseTrainer`; the update schedule ones (``total_steps``, ``delta_t``,
+    ``alpha``, ``t_end``, ``grad_accumulation``) are accepted and ignored.
+    """
+
+    method = "StaticSparse"
+    dynamic = False
+
+    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
+        return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
+
+
+class RigL(SparseTrainer):
+    """RigL (Evci et al. 2020): unstructured masks; prune by |w|, regrow by |dense grad|, layer-wide.
+
+    Each layer has the same number of weights as under SRigL (``out * k``), placed at random at start,
+    so the two are compared at equal parameter counts.
+    """
+
+    method = "RigL"
+
+    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
+        return random_mask(layer.param.shape, layer.budget)
+
+    def _new_mask(self, layer, w2, m2, g2, alpha_t):
+        n_prune = int(alpha_t * _nnz(m2))
+        keep = _drop_smallest(w2.abs(), m2, n_prune)
+        return keep | _top_mask(torch.where(keep, -1.0, g2.abs().float()), n_prune)
+
+
+class SRigL(SparseTrainer):
+    """SRigL (Lasby et al. 2024): RigL with constant fan-in per neuron and dynamic neuron ablation.
+
+    Extra argument ``gamma_sal`` (default 0.3; the paper uses 0.95 for ViT): a neuron with fewer than
+    ``max(1, floor(gamma_sal * k))`` salient weights (kept by magnitude or among the layer's regrowth
+    candidates) is ablated and its budget goes to the other neurons. ``gamma_sal=0`` disables
+    ablation. The output layer(s) are never ablated.
+    """
+
+    method = "SRigL"
+
+    def __init__(self, model, optimizer, sparsity=0.9, total_steps=None, delta_t=100, alpha=0.3, t_end=0.75,
+                 gamma_sal: float = 0.3, distribution="erk", grad_accumulation=1, **kw):
+        self.gamma_sal = _check_frac("gamma_sal", gamma_sal, lo_open=False)
+        super().__init__(model, optimizer, sparsity, total_steps, delta_t, alpha, t_end, distribution,
+                         grad_accumulation, **kw)
+
+    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
+        return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
+
+    def _new_mask(self, layer, w2, m2, g2, alpha_t):
+        out, fan = m2.shape
+        row_nnz = _row_nnz(m2)
+        k_now = int(row_nnz.max())
+        n_prune = int(alpha_t * int(row_nnz.sum()))
+        aw = w2.abs()
+        ag = g2.abs().float()
+        keep = _drop_smallest(aw, m2, n_prune)
+        grow = _top_mask(torch.where(keep, -1.0, ag), n_prune)
+
+        active = torch.ones(out, dtype=torch.bool, device=m2.device)
+        if self.gamma_sal > 0 and not layer.target.head:
+            salient = _row_nnz(keep | grow)
+            active = salient >= max(1, math.floor(self.gamma_sal * k_now))
+            # Never ablate so many neurons that the fan-in would exceed the dense fan-in: bring back
+            # the most salient ablated ones (lowest index first among ties).
+            need = -(-layer.budget // fan) - _nnz(active)
+            if need > 0:
+                order = torch.sort(torch.where(active, -1, salient), descending=True, stable=True).indices
+                active[order[:need]] = True
+        all_rows = _nnz(active) == out
+        rows = torch.nonzero(active).flatten()
+        k = layer.budget // rows.numel()
+        keep_a = keep if all_rows else keep[rows]
+        c = _row_nnz(keep_a)
+        new_rows = keep_a.clone()
+        # A neuron that kept more than k weights keeps its k largest ...
+        over = torch.nonzero(c > k).flatten()
+        if over.numel():
+            sub = torch.where(keep_a[over], aw[rows[over]], -1.0)
+            new_rows[over] = torch.zeros_like(new_rows[over]).scatter_(1, torch.topk(sub, k, dim=1).indices, True)
+        # ... one with fewer grows its largest dense gradients among its other positions up to k.
+        need = (k - c).clamp(min=0)
+        kk = int(need.max())
+        if kk > 0:
+            score = torch.where(keep_a, -1.0, ag if all_rows else ag[rows])
+            idx = torch.topk(score, kk, dim=1).indices
+            take = torch.arange(kk, device=m2.device)[None, :] < need[:, None]
+            new_rows |= torch.zeros_like(new_rows).scatter_(1, idx, take)
+        if all_rows:
+            return new_rows
+        new = torch.zeros_like(m2)
+        new[rows] = new_rows
+        return new

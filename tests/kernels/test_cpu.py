@@ -1,0 +1,238 @@
+"""The C++ CPU kernels: correctness against a float64 reference on random shapes, and that they run.
+
+The kernels have several paths (GEMV for 1-3 rows with masked row tails, feature-major blocks of
+8/16/32 columns with masked column tails, fp64 loops, conv through im2col); the shapes below are
+drawn to reach each of them, including n * k boundaries where a row tail must not over-read.
+"""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_compile import formats
+from sparse_compile.kernels import condensed_conv2d, condensed_linear, cpu, ops
+from sparse_compile.kernels.reference import condensed_conv2d_ref, condensed_linear_ref
+
+if shutil.which("c++") is None and shutil.which("g++") is None:
+    pytest.skip("no C++ compiler on this machine: the C++ kernels cannot be built", allow_module_level=True)
+
+# With a compiler present the kernels must build: a silent fallback would make every test below
+# test the reference against itself.
+assert cpu.load(), f"C++ kernels failed to build: {cpu.build_info()['error']}"
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+HYP = settings(max_examples=60, deadline=None, derandomize=True)
+
+
+def _layer(n, fan_in, k, dtype, index_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n, fan_in, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values.to(index_dtype)
+    values = torch.randn(n, k, generator=g).to(dtype)
+    return values, idx
+
+
+def _rel_err(y, ref):
+    assert not torch.isnan(y).any(), "NaN in output: an element was left unwritten"
+    if ref.numel() == 0:
+        return 0.0
+    return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _nan_poisoned_outputs():
+    """Make every fresh output (at::empty) start as NaN, so an element a kernel fails to write
+    shows up as NaN (torch fills uninitialized memory in deterministic mode)."""
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(3)).all()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _cpp_linear(x, values, idx, bias):
+    return torch.ops.sparse_compile._condensed_linear_cpu(x, values, idx, bias)
+
+
+@HYP
+@given(
+    lead=st.lists(st.integers(0, 9), min_size=0, max_size=2),
+    rows=st.sampled_from([0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 65]),
+    n=st.integers(1, 37),
+    fan_in=st.integers(1, 300),
+    kfrac=st.floats(0, 1),
+    dtype=st.sampled_from(DTYPES),
+    index_dtype=st.sampled_from([torch.int16, torch.int32]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_random_shapes(lead, rows, n, fan_in, kfrac, dtype, index_dtype, bias, seed):
+    k = max(1, min(fan_in, round(kfrac * fan_in)))
+    values, idx = _layer(n, fan_in, k, dtype, index_dtype, seed)
+    x = torch.randn(*lead, rows, fan_in).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    y = _cpp_linear(x, values, idx, b)
+    ref = condensed_linear_ref(x.double(), values.double(), idx, None if b is None else b.double())
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 15, 16, 17, 31, 33, 64])
+def test_linear_row_tails_and_constant_fan_in_edges(rows, k):
+    # k covers every residue path of the GEMV (16-wide body, masked 8-wide tails, the last row's
+    # scalar tail); k = fan-in is the dense edge case.
+    for fan_in in (k, 70):
+        values, idx = _layer(13, fan_in, k, torch.float32, torch.int16, seed=k)
+        x = torch.randn(rows, fan_in)
+        b = torch.randn(13)
+        y = _cpp_linear(x, values, idx, b)
+        ref = condensed_linear_ref(x.double(), values.double(), idx, b.double())
+        assert _rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_unreferenced_nonfinite_inputs_do_not_leak(rows):
+    # A row's masked tail reads the next row's indices; x there may be inf/NaN and must not reach
+    # an output that does not reference it. Only neuron 0 (whose tail is masked) is checked.
+    fan_in, k = 64, 13
+    values, idx = _layer(9, fan_in, k, torch.float32, torch.int16, seed=3)
+    used = torch.zeros(fan_in, dtype=torch.bool)
+    used[idx[0].long()] = True
+    assert not used[idx[1, :3].long()].all()  # the next row's first indices are unused by row 0
+    x = torch.randn(rows, fan_in)
+    x[:, ~used] = float("inf")
+    x[:, (~used).nonzero()[::2, 0]] = float("nan")
+    y0 = _cpp_linear(x, values, idx, None)[:, 0]
+    assert torch.isfinite(y0).all()
+    ref = (x[:, idx[0].long()].double() * values[0].double()).sum(-1)
+    assert _rel_err(y0, ref) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_linear_non_contiguous_x(layout):
+    values, idx = _layer(10, 48, 9, torch.float32, torch.int32, seed=1)
+    base = torch.randn(48, 6)
+    x = {
+        "transposed": base.t(),  # unit stride on the batch, not the features
+        "sliced": torch.randn(6, 96)[:, ::2],
+        "expanded": torch.randn(1, 48).expand(6, 48),
+    }[layout]
+    assert not x.is_contiguous()
+    y = condensed_linear(x, values, idx)
+    ref = condensed_linear_ref(x.double(), values.double(), idx)
+    assert _rel_err(y, ref) < 1e-5
+
+
+def test_public_op_and_wrapper_use_cpp_kernel_not_reference(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the plain-torch reference ran instead of the C++ kernel")
+
+    monkeypatch.setattr(ops, "condensed_linear_ref", boom)
+    monkeypatch.setattr(ops, "condensed_conv2d_ref", boom)
+    values, idx = _layer(8, 30, 4, torch.float32, torch.int16, seed=0)
+    x = torch.randn(3, 30)
+    expected = condensed_linear_ref(x, values, idx)
+    torch.testing.assert_close(torch.ops.sparse_compile.condensed_linear(x, values, idx), expected)
+    torch.testing.assert_close(condensed_linear(x, values, idx), expected)
+    cv, ci = _layer(4, 18, 5, torch.float32, torch.int16, seed=1)
+    img = torch.randn(1, 2, 5, 5)
+    yc = torch.ops.sparse_compile.condensed_conv2d(img, cv, ci, None, [3, 3], [1, 1], [1, 1], [1, 1])
+    torch.testing.assert_close(yc, condensed_conv2d_ref(img, cv, ci, None, (3, 3), (1, 1), (1, 1), (1, 1)))
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sparse_compile::_condensed_linear_cpu", "CPU")
+
+
+def test_thread_count_does_not_change_results():
+    values, idx = _layer(300, 200, 40, torch.float32, torch.int16, seed=5)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for rows in (1, 40):
+            x = torch.randn(rows, 200)
+            res = []
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                res.append(_cpp_linear(x, values, idx, None))
+            outs.append(res)
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in outs:
+        assert torch.equal(a, b)
+
+
+def test_empty_and_zero_k():
+    values, idx = _layer(5, 10, 3, torch.float32, torch.int16, seed=0)
+    assert _cpp_linear(torch.randn(0, 10), values, idx, None).shape == (0, 5)
+    assert _cpp_linear(torch.randn(2, 0, 10), values, idx, None).shape == (2, 0, 5)
+    b = torch.randn(4)
+    y = _cpp_linear(torch.randn(3, 10), torch.randn(4, 0), torch.zeros(4, 0, dtype=torch.int16), b)
+    torch.testing.assert_close(y, b.expand(3, 4))
+
+
+@HYP
+@given(
+    batch=st.integers(0, 3),
+    cin=st.integers(1, 5),
+    hw=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    cout=st.integers(1, 9),
+    ks=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    kfrac=st.floats(0, 1),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_matches_masked_dense_conv(batch, cin, hw, cout, ks, stride, padding, dilation, kfrac,
+                                        dtype, bias, seed):
+    eff = [(k - 1) * d + 1 for k, d in zip(ks, dilation)]
+    if any(h + 2 * p < e for h, p, e in zip(hw, padding, eff)):
+        return  # no output pixel: the wrapper rejects it (tested in test_ops)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, *ks, generator=g, dtype=torch.float64)
+    fan_in = cin * ks[0] * ks[1]
+    k = max(1, min(fan_in, round(kfrac * fan_in)))
+    mask = torch.zeros(cout, fan_in, dtype=torch.bool)
+    for i in range(cout):
+        mask[i, torch.randperm(fan_in, generator=g)[:k]] = True
+    mask = mask.reshape(w.shape)
+    c = formats.to_condensed(w, mask)
+    x = torch.randn(batch, cin, *hw, generator=g, dtype=torch.float64)
+    b = torch.randn(cout, generator=g, dtype=torch.float64) if bias else None
+    ref = F.conv2d(x, w * mask, b, stride, padding, dilation)
+    y = condensed_conv2d(x.to(dtype), c.values.to(dtype), c.indices, None if b is None else b.to(dtype),
+                         ks, stride, padding, dilation)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+def test_conv_wide_image_uses_all_column_blocks():
+    # L = 23 * 29 = 667 output pixels: 32-wide blocks plus a masked tail, n not a block multiple.
+    values, idx = _layer(7, 3 * 9, 10, torch.float32, torch.int16, seed=2)
+    x = torch.randn(2, 3, 23, 29)
+    y = torch.ops.sparse_compile._condensed_conv2d_cpu(x, values, idx, None, [3, 3], [1, 1], [1, 1], [1, 1])
+    ref = condensed_conv2d_ref(x.double(), values.double(), idx, None, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert _rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2), (3, 1, 2)])
+def test_conv_channels_last_and_wide_padding(stride, padding, dilation):
+    # Non-contiguous (channels_last) input, and a padded row wider than the output row, so the
+    # kernel computes and drops virtual columns.
+    values, idx = _layer(10, 4 * 9, 11, torch.float32, torch.int32, seed=4)
+    x = torch.randn(3, 4, 13, 17).to(memory_format=torch.channels_last)
+    b = torch.randn(10)
+    y = condensed_conv2d(x, values, idx, b, 3, stride, padding, dilation)
+    ref = condensed_conv2d_ref(x.double(), values.double(), idx, b.double(), (3, 3), (stride,) * 2,
+                               (padding,) * 2, (dilation,) * 2)
+    assert y.shape == ref.shape
+    assert _rel_err(y, ref) < 1e-5

@@ -1,0 +1,382 @@
+"""Triton launchers (kernels/triton_linear.py, kernels/triton_conv.py) against float64 references.
+
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported, so every
+kernel runs through triton's interpreter on CPU tensors; the interpreter cannot autotune, so the
+launchers use a small fixed config there, and the config tests pin each entry of the autotune
+lists in turn. Outputs are poisoned with NaN before each call so an unwritten element fails.
+Shapes are small: the interpreter runs each program in numpy.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_compile.formats import to_condensed
+from sparse_compile.kernels import triton_conv as tconv
+from sparse_compile.kernels import triton_linear as tlin
+from sparse_compile.kernels.reference import condensed_conv2d_ref, condensed_linear_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rand_condensed(n, fan_in, k, dtype=torch.float32, index_dtype=torch.int16, device=DEV):
+    """``k`` distinct sorted indices per row (constant fan-in), standard-normal values."""
+    idx = torch.rand(n, fan_in, device=device).argsort(dim=1)[:, :k].sort(dim=1).values
+    vals = torch.randn(n, k, device=device).to(dtype)
+    return vals, idx.to(index_dtype)
+
+
+def rel_err(y, ref):
+    """Max abs error relative to the largest reference magnitude (element-wise ratios blow up near 0)."""
+    if ref.numel() == 0:
+        return 0.0
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def nan_out(shape, dtype, device=DEV):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def linear_ref(x, vals, idx, bias):
+    return condensed_linear_ref(x.double(), vals.double(), idx, None if bias is None else bias.double())
+
+
+def check_linear(x, vals, idx, bias, dtype=None, **kw):
+    dtype = dtype or x.dtype
+    out = nan_out((*x.shape[:-1], vals.shape[0]), x.dtype, x.device)
+    y = tlin.condensed_linear_triton(x, vals, idx, bias, out=out, **kw)
+    assert y.data_ptr() == out.data_ptr()
+    assert y.shape == (*x.shape[:-1], vals.shape[0]) and y.dtype == x.dtype
+    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) output elements"
+    err = rel_err(y, linear_ref(x, vals, idx, bias))
+    assert err < TOL[dtype], f"max rel err {err:.2e} >= {TOL[dtype]:.0e}"
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------------
+LINEAR_CASES = {
+    # name: (leading dims, n, fan_in, k)
+    "batch1": ((1,), 13, 50, 7),
+    "no-leading-dim": ((), 9, 40, 5),
+    "batch0": ((0,), 7, 30, 4),
+    "odd-batch-gemv": ((5,), 11, 45, 9),
+    "leading-dims-batched": ((3, 7), 19, 37, 6),
+    "odd-batch-batched": ((33,), 37, 64, 11),
+    "k1": ((6,), 10, 20, 1),
+    "k1-batched": ((20,), 10, 20, 1),
+    "k-equals-fan-in": ((4,), 6, 24, 24),
+    "k-equals-fan-in-batched": ((18,), 6, 24, 24),
+    "n1": ((17,), 1, 30, 8),
+}
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32], ids=["int16", "int32"])
+@pytest.mark.parametrize("case", sorted(LINEAR_CASES))
+def test_linear_matches_reference(case, index_dtype):
+    lead, n, fan_in, k = LINEAR_CASES[case]
+    vals, idx = rand_condensed(n, fan_in, k, index_dtype=index_dtype)
+    x = torch.randn(*lead, fan_in, device=DEV)
+    check_linear(x, vals, idx, torch.randn(n, device=DEV))
+    check_linear(x, vals, idx, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel", ["gemv", "batched"])
+def test_linear_dtypes(dtype, kernel):
+    vals, idx = rand_condensed(21, 70, 13, dtype=dtype)
+    x = torch.randn(5 if kernel == "gemv" else 19, 70, device=DEV).to(dtype)
+    check_linear(x, vals, idx, torch.randn(21, device=DEV).to(dtype), kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "batched"])
+def test_linear_from_formats_masked_weight(kernel):
+    """The kernels agree with F.linear on the masked dense weight that formats condensed."""
+    n, fan_in, k = 12, 40, 9
+    w = torch.randn(n, fan_in, device=DEV)
+    mask = torch.zeros(n, fan_in, dtype=torch.bool, device=DEV)
+    mask.scatter_(1, torch.rand(n, fan_in, device=DEV).argsort(1)[:, :k], True)
+    mask[3] = False  # an ablated neuron: dropped from the condensed rows
+    bias = torch.randn(n, device=DEV)
+    c = to_condensed(w, mask, bias)
+    x = torch.randn(18, fan_in, device=DEV)
+    y = tlin.condensed_linear_triton(x, c.values, c.indices, c.bias[c.active_rows], kernel=kernel)
+    ref = F.linear(x.double(), (w * mask).double(), bias.double())[:, c.active_rows]
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_linear_noncontiguous_inputs():
+    n, fan_in, k = 17, 48, 10
+    vals, idx = rand_condensed(n, fan_in, k)
+    bias = torch.randn(n, device=DEV)
+    big = torch.randn(22, 2 * fan_in, device=DEV)
+    check_linear(big[:, ::2], vals, idx, bias)  # strided fan-in, batched
+    check_linear(big[:3, 1::2], vals, idx, bias)  # strided fan-in, GEMV
+    xt = torch.randn(fan_in, 25, device=DEV)
+    check_linear(xt.t(), vals, idx, bias)  # already feature-major: used in place
+    x3 = torch.randn(4, fan_in, 5, device=DEV).permute(0, 2, 1)  # [4, 5, fan_in], not collapsible
+    check_linear(x3, vals, idx, bias)
+    # Column-major values / indices ([k, n] storage): a layout a caller may pick for coalescing.
+    vt, it = vals.t().contiguous().t(), idx.t().contiguous().t()
+    check_linear(big[:, ::2], vt, it, bias)
+    check_linear(big[:2, ::2], vt, it, bias)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_linear_split_k(splits):
+    vals, idx = rand_condensed(13, 90, 37)
+    x = torch.randn(21, 90, device=DEV)
+    check_linear(x, vals, idx, torch.randn(13, device=DEV), kernel="batched", split_k=splits)
+    check_linear(x, vals, idx, None, kernel="batched", split_k=splits)
+
+
+def test_linear_k_zero_gives_bias():
+    vals, idx = torch.empty(5, 0, device=DEV), torch.empty(5, 0, dtype=torch.int16, device=DEV)
+    x = torch.randn(3, 8, device=DEV)
+    bias = torch.randn(5, device=DEV)
+    assert torch.equal(tlin.condensed_linear_triton(x, vals, idx, bias), bias.expand(3, 5))
+    assert not tlin.condensed_linear_triton(x, vals, idx).any()
+
+
+@pytest.mark.parametrize("kernel,batch,k", [("gemv", 1, 300), ("gemv", 3, 30), ("gemv", 16, 300),
+                                            ("batched", 40, 30), ("batched", 1000, 30)])
+def test_every_autotune_config_is_correct(kernel, batch, k):
+    """Each config of the autotune lists, pinned, gives the right answer (tails included)."""
+    fan_in = 2 * k + 3
+    vals, idx = rand_condensed(19, fan_in, k)
+    bias = torch.randn(19, device=DEV)
+    # The batch bucket picks the list; a smaller batch keeps the interpreter fast and still hits
+    # partial tiles in every config.
+    x = torch.randn(min(batch, 40), fan_in, device=DEV)
+    configs = tlin.linear_configs(kernel, batch, k)
+    if kernel == "batched":
+        configs += tlin.linear_configs(kernel, batch, k, torch.bfloat16)
+    assert configs
+    for cfg in configs:
+        check_linear(x, vals, idx, bias, kernel=kernel, config=cfg)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(0, 40),
+    n=st.integers(1, 20),
+    fan_in=st.integers(1, 40),
+    k_frac=st.floats(0.0, 1.0),
+    int32=st.booleans(),
+    has_bias=st.booleans(),
+)
+def test_linear_random_shapes(batch, n, fan_in, k_frac, int32, has_bias):
+    k = max(1, round(k_frac * fan_in))
+    vals, idx = rand_condensed(n, fan_in, k, index_dtype=torch.int32 if int32 else torch.int16)
+    x = torch.randn(batch, fan_in, device=DEV)
+    check_linear(x, vals, idx, torch.randn(n, device=DEV) if has_bias else None)
+
+
+def test_linear_errors_name_the_argument():
+    vals, idx = rand_condensed(4, 10, 3)
+    x = torch.randn(2, 10, device=DEV)
+    with pytest.raises(ValueError, match="indices"):
+        tlin.condensed_linear_triton(x, vals, idx[:, :2])
+    with pytest.raises(TypeError, match="indices dtype"):
+        tlin.condensed_linear_triton(x, vals, idx.float())
+    with pytest.raises(ValueError, match="bias"):
+        tlin.condensed_linear_triton(x, vals, idx, torch.randn(5, device=DEV))
+    with pytest.raises(ValueError, match="exceeds x's fan-in"):
+        tlin.condensed_linear_triton(x[:, :2], vals, idx)
+    with pytest.raises(ValueError, match="kernel"):
+        tlin.condensed_linear_triton(x, vals, idx, kernel="dense")
+    with pytest.raises(ValueError, match="config must set exactly"):
+        tlin.condensed_linear_triton(x, vals, idx, kernel="gemv", config={"BLOCK_N": 4})
+    with pytest.raises(ValueError, match="out must be"):
+        tlin.condensed_linear_triton(x, vals, idx, out=torch.empty(3, 4, device=DEV))
+    with pytest.raises(ValueError, match="split_k"):
+        tlin.condensed_linear_triton(torch.randn(20, 10, device=DEV), vals, idx, kernel="batched", split_k=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d
+# ---------------------------------------------------------------------------------------------
+CONV_CASES = {
+    # name: (N, C, H, W, out, (kh, kw), stride, padding, dilation, k)
+    "3x3": (2, 3, 7, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 8),
+    "3x3-stride2": (2, 3, 9, 8, 6, (3, 3), (2, 2), (1, 1), (1, 1), 10),
+    "3x3-pad2-dil2": (1, 4, 8, 7, 5, (3, 3), (1, 1), (2, 2), (2, 2), 9),
+    "1x1": (3, 8, 5, 5, 7, (1, 1), (1, 1), (0, 0), (1, 1), 3),
+    "3x2-mixed": (2, 3, 7, 9, 5, (3, 2), (2, 1), (0, 1), (1, 2), 6),
+    "k1": (1, 3, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "k-full": (1, 2, 5, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1), 18),
+    "batch0": (0, 3, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), 5),
+}
+
+
+def masked_conv(o, c, kh, kw, k, device=DEV):
+    """A dense conv weight with exactly ``k`` live taps per output channel, and its mask."""
+    w = torch.randn(o, c, kh, kw, device=device)
+    m = torch.zeros(o, c * kh * kw, dtype=torch.bool, device=device)
+    m.scatter_(1, torch.rand(o, c * kh * kw, device=device).argsort(1)[:, :k], True)
+    return w, m.reshape(o, c, kh, kw)
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_matches_f_conv2d(case):
+    nb, c, h, wd, o, ks, stv, pd, dl, k = CONV_CASES[case]
+    w, m = masked_conv(o, c, *ks, k)
+    bias = torch.randn(o, device=DEV)
+    cond = to_condensed(w, m, bias)
+    x = torch.randn(nb, c, h, wd, device=DEV)
+    ref = F.conv2d(x.double(), (w * m).double(), bias.double(), stv, pd, dl)
+    out = nan_out(tuple(ref.shape), x.dtype)
+    y = tconv.condensed_conv2d_triton(x, cond.values, cond.indices, bias, ks, stv, pd, dl, out=out)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    assert rel_err(y, ref) < 1e-5
+    y0 = tconv.condensed_conv2d_triton(x, cond.values, cond.indices, None, ks, stv, pd, dl)
+    assert rel_err(y0, F.conv2d(x.double(), (w * m).double(), None, stv, pd, dl)) < 1e-5
+
+
+def test_conv_noncontiguous_and_int32_and_ints():
+    w, m = masked_conv(6, 4, 3, 3, 7)
+    cond = to_condensed(w, m, index_dtype=torch.int32)
+    x = torch.randn(2, 4, 7, 8, device=DEV).to(memory_format=torch.channels_last)
+    y = tconv.condensed_conv2d_triton(x, cond.values, cond.indices, None, 3, 2, 1, 1)
+    assert rel_err(y, F.conv2d(x.double(), (w * m).double(), None, 2, 1, 1)) < 1e-5
+    xs = torch.randn(2, 8, 7, 8, device=DEV)[:, ::2]
+    y = tconv.condensed_conv2d_triton(xs, cond.values, cond.indices, None, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert rel_err(y, F.conv2d(xs.double(), (w * m).double(), None, 1, 1, 1)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_conv_half_precision(dtype):
+    vals, idx = rand_condensed(5, 3 * 9, 7, dtype=dtype)
+    x = torch.randn(2, 3, 6, 7, device=DEV).to(dtype)
+    bias = torch.randn(5, device=DEV).to(dtype)
+    y = tconv.condensed_conv2d_triton(x, vals, idx, bias, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert y.dtype == dtype
+    ref = condensed_conv2d_ref(x.double(), vals.double(), idx, bias.double(), (3, 3), (1, 1), (1, 1), (1, 1))
+    assert rel_err(y, ref) < 1e-2
+
+
+def test_every_conv_config_is_correct():
+    w, m = masked_conv(19, 3, 3, 3, 7)
+    cond = to_condensed(w, m)
+    x = torch.randn(1, 3, 5, 7, device=DEV)
+    ref = F.conv2d(x.double(), (w * m).double(), None, 1, 1, 1)
+    for cfg in tconv.conv_configs():
+        y = tconv.condensed_conv2d_triton(x, cond.values, cond.indices, None, 3, 1, 1, 1, config=cfg)
+        assert rel_err(y, ref) < 1e-5, cfg
+
+
+def test_conv_errors_name_the_argument():
+    vals, idx = rand_condensed(4, 27, 5)
+    x = torch.randn(1, 3, 6, 6, device=DEV)
+    with pytest.raises(ValueError, match="4-D"):
+        tconv.condensed_conv2d_triton(x[0], vals, idx, None, 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        tconv.condensed_conv2d_triton(x, vals, idx, None, (3, 3, 3))
+    with pytest.raises(ValueError, match="exceeds the fan-in"):
+        tconv.condensed_conv2d_triton(x, vals, idx, None, 1)
+    with pytest.raises(ValueError, match="too small"):
+        tconv.condensed_conv2d_triton(x[:, :, :2, :2], vals, idx, None, 3)
+    with pytest.raises(ValueError, match="stride"):
+        tconv.condensed_conv2d_triton(x, vals, idx, None, 3, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled for a Hopper GPU without one: the interpreter does not run triton's compiler, so type
+# and layout errors of the real kernels would otherwise surface only on a GPU machine. It runs in
+# a subprocess because TRITON_INTERPRET=1 turns triton's own library functions (tl.sum,
+# tl.cdiv, ...) into interpreter objects at import time.
+# ---------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import sys
+import torch, triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+except ImportError as e:
+    print(f"no NVIDIA backend in this triton: {e}")
+    sys.exit(77)
+from triton.compiler import ASTSource
+from sparse_compile.kernels import triton_conv as C, triton_linear as L
+
+
+def build(kernel, types, const, div16=(), num_warps=4):
+    names = kernel.arg_names
+    sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in names}
+    constexprs = {(names.index(a),): v for a, v in const.items()}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16}
+    out = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": num_warps, "num_stages": 1})
+    assert out.asm["cubin"]
+
+
+def meta(cfg):
+    return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+
+
+flags = dict(HAS_BIAS=True, ACC_F64=False, WIDE=False)
+for dt, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    ptrs = dict(v_ptr=f"*{dt}", i_ptr="*i16", bias_ptr=f"*{dt}", y_ptr=f"*{dt}")
+    for batch in (256, 2048):
+        cfg = L.linear_configs("batched", batch, 307, tdt)[0]
+        build(L._condensed_fm_kernel, dict(ptrs, xt_ptr=f"*{dt}"),
+              dict(flags, s_xb=1, s_vk=1, s_ik=1, s_yn=1, **meta(cfg)),
+              ("xt_ptr", "v_ptr", "i_ptr", "y_ptr", "B", "Bp", "n", "s_xi", "s_yb", "s_ys"), cfg["num_warps"])
+    cfg = L.linear_configs("gemv", 1, 307)[1]
+    build(L._condensed_gemv_kernel, dict(ptrs, x_ptr=f"*{dt}"), dict(flags, s_xi=1, s_vk=1, s_ik=1, s_yn=1, **meta(cfg)),
+          num_warps=cfg["num_warps"])
+    build(L._to_feature_major_kernel, dict(x_ptr=f"*{dt}", xt_ptr=f"*{dt}"), dict(s_xi=1, WIDE=False, BLOCK_B=64, BLOCK_I=64))
+    build(L._split_sum_kernel, dict(ws_ptr="*fp32", bias_ptr=f"*{dt}", y_ptr=f"*{dt}"), dict(HAS_BIAS=True, WIDE=False, BLOCK=1024))
+cfg = C.conv_configs()[0]
+build(C._condensed_conv2d_kernel, dict(x_ptr="*fp32", v_ptr="*fp32", i_ptr="*i16", bias_ptr="*fp32", y_ptr="*fp32"),
+      dict(flags, s_xw=1, s_vk=1, s_ik=1, s_yw=1, KH=3, KW=3, **meta(cfg)), num_warps=cfg["num_warps"])
+print("compiled OK")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Every kernel (a config of each list, fp32 and bf16) compiles to an sm_90 cubin."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode == 77:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled OK" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the autotuned paths on real shapes (the interpreter cannot autotune).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: autotuned compiled kernels")
+class TestAutotunedOnGPU:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+    @pytest.mark.parametrize("batch", [1, 7, 16, 17, 256, 300, 2048])
+    @pytest.mark.parametrize("sparsity", [0.9, 0.99])
+    def test_vit_fc2(self, sparsity, batch, dtype):
+        n, fan_in = 768, 3072
+        k = round(fan_in * (1 - sparsity))
+        vals, idx = rand_condensed(n, fan_in, k, dtype=dtype, device="cuda")
+        bias = torch.randn(n, device="cuda").to(dtype)
+        check_linear(torch.randn(batch, fan_in, device="cuda").to(dtype), vals, idx, bias)
+
+    def test_leading_dims_and_views(self):
+        vals, idx = rand_condensed(768, 3072, 307, device="cuda")
+        check_linear(torch.randn(4, 197, 3072, device="cuda"), vals, idx, None)
+        check_linear(torch.randn(3072, 300, device="cuda").t(), vals, idx, None)
+        check_linear(torch.randn(5, 6144, device="cuda")[:, ::2], vals, idx, None)
+
+    def test_conv(self):
+        w, m = masked_conv(128, 64, 3, 3, 58, device="cuda")
+        cond = to_condensed(w, m)
+        x = torch.randn(4, 64, 28, 28, device="cuda")
+        for stv in (1, 2):
+            y = tconv.condensed_conv2d_triton(x, cond.values, cond.indices, None, 3, stv, 1, 1)
+            assert rel_err(y, F.conv2d(x.double(), (w * m).double(), None, stv, 1, 1)) < 1e-5
