@@ -26,8 +26,13 @@ _state = {"tried": False, "loaded": False, "seconds": None, "error": None, "flag
 
 
 def _flags():
-    """Compiler flags for this CPU; the ISA goes into the library name so caches never mix ISAs."""
+    """Compiler flags for this CPU; the ISA goes into the library name so caches never mix ISAs.
+
+    ``SPARSE_COMPILE_CPU_ISA=generic`` forces the portable (non-AVX2) kernels, e.g. to test them.
+    """
     cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
+    if os.environ.get("SPARSE_COMPILE_CPU_ISA", "") == "generic":
+        cap = "DEFAULT"
     base = ["-O3", "-fopenmp", "-ffp-contract=fast", "-DNDEBUG"]
     if cap in ("AVX2", "AVX512"):
         # Every AVX2 CPU (Intel Haswell+, AMD Zen+) also has F16C and BMI1/2, which the kernels use.

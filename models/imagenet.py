@@ -23,7 +23,8 @@ def vit_b_16(num_classes: int = 1000, image_size: int = 224) -> nn.Module:
     """torchvision ViT-B/16 with every dropout removed (Appendix D.3); ``image_size`` a multiple of 16."""
     if image_size % 16 != 0 or image_size < 16:
         raise ValueError(f"vit_b_16: image_size must be a positive multiple of the patch size 16, got {image_size}")
-    model = torchvision.models.vit_b_16(num_classes=num_classes, image_size=image_size, dropout=0.0, attention_dropout=0.0)
+    model = torchvision.models.vit_b_16(num_classes=num_classes, image_size=image_size, dropout=0.0,
+                                        attention_dropout=0.0)
     return remove_dropout(model)
 
 

@@ -34,7 +34,8 @@ def make_example(out: Path, seed: int = 0, epochs=None, progress: bool = True) -
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in res["model"].state_dict().items()}
-    meta = {"model": "mlp", "recipe": recipe.name, "method": "srigl", "sparsity": f"{res['report']['sparsifier']['sparsity']:.6f}",
+    meta = {"model": "mlp", "recipe": recipe.name, "method": "srigl",
+            "sparsity": f"{res['report']['sparsifier']['sparsity']:.6f}",
             "test_accuracy": f"{res['test_accuracy']:.6f}", "seed": str(seed), "epochs": str(recipe.epochs),
             "torch": torch.__version__, "command": "python -m sparse_compile.models.make_example"}
     save_file(sd, str(out / EXAMPLE), metadata=meta)

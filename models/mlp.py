@@ -17,7 +17,8 @@ class MLP(nn.Sequential):
 
     def __init__(self, in_features: int = 64, hidden: Sequence[int] = (300, 100), num_classes: int = 10):
         if in_features < 1 or num_classes < 1 or any(h < 1 for h in hidden):
-            raise ValueError(f"MLP widths must be positive: in={in_features}, hidden={tuple(hidden)}, out={num_classes}")
+            raise ValueError(
+                f"MLP widths must be positive: in={in_features}, hidden={tuple(hidden)}, out={num_classes}")
         layers: "OrderedDict[str, nn.Module]" = OrderedDict(flatten=nn.Flatten())
         widths = [in_features, *hidden]
         for i in range(len(hidden)):

@@ -50,8 +50,8 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
         stages = []
         for s, stride in enumerate((1, 2, 2)):
-            blocks = [WideBasicBlock(widths[s] if i == 0 else widths[s + 1], widths[s + 1], stride if i == 0 else 1, drop_rate)
-                      for i in range(n)]
+            blocks = [WideBasicBlock(widths[s] if i == 0 else widths[s + 1], widths[s + 1],
+                                     stride if i == 0 else 1, drop_rate) for i in range(n)]
             stages.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(widths[3])

@@ -37,7 +37,7 @@ from torch import nn
 
 __all__ = ["sparse_compile_backend", "modularize", "last_report"]
 
-#: The :class:`~sparse_compile.optimize.OptimizeReport` of the most recent graph this backend
+#: The :class:`~sparse_compile.compiler.OptimizeReport` of the most recent graph this backend
 #: compiled (Dynamo may compile several graphs per model: one per graph break).
 last_report = None
 
@@ -98,6 +98,11 @@ def modularize(gm: fx.GraphModule, example_inputs, model: Optional[nn.Module] = 
     gm = fx.GraphModule(gm, graph, type(gm).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = {n: v for n, v in zip(placeholders, example_inputs)}
+    ranks = {}  # node -> rank of its tensor output (from Dynamo's fake values; replaced nodes inherit it)
+    for n in gm.graph.nodes:
+        ev = n.meta.get("example_value")
+        if isinstance(ev, torch.Tensor):
+            ranks[n] = ev.dim()
 
     def real(n):
         if not isinstance(n, fx.Node):
@@ -154,11 +159,11 @@ def modularize(gm: fx.GraphModule, example_inputs, model: Optional[nn.Module] = 
             w, b = real(_arg(node, 3, "weight")), real(_arg(node, 4, "bias"))
             training = _arg(node, 5, "training", False)
             eps = _arg(node, 7, "eps", 1e-5)
-            ev = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+            rank = ranks.get(x)
             if (training is not False or any(v is False or v is None for v in (rm, rv)) or w is False or b is False
-                    or ev is None or isinstance(eps, fx.Node)):
+                    or rank is None or isinstance(eps, fx.Node)):
                 continue
-            cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(ev.dim())
+            cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)
             if cls is None:
                 continue
             module = cls(rm.shape[0], eps=eps, affine=w is not None, device="meta")
@@ -180,6 +185,8 @@ def modularize(gm: fx.GraphModule, example_inputs, model: Optional[nn.Module] = 
         gm.add_submodule(target, module)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(target, (x,))
+        if node in ranks:
+            ranks[new] = ranks[node]
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     for n in gm.graph.nodes:
@@ -196,7 +203,7 @@ def sparse_compile_backend(gm: fx.GraphModule, example_inputs, mode: Optional[st
     ``torch.compile`` calls it as ``backend(gm, example_inputs, mode=..., options=...)`` (each only when
     given). See the module docstring for the options.
     """
-    from .optimize import OptimizeConfig, optimize
+    from .compiler import OptimizeConfig, optimize
 
     opts = dict(options or {})
     opt_mode = opts.pop("mode", "auto")

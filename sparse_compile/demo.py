@@ -131,7 +131,7 @@ def _train_digits(epochs: Optional[int], sparsity: float, seed: int, progress: b
 
 def _inspect_and_optimize(model, test_set, log) -> dict:
     from .inspection import inspect
-    from .optimize import optimize
+    from .compiler import optimize
 
     table = inspect(model)
     log(str(table))
@@ -165,7 +165,8 @@ def _inspect_and_optimize(model, test_set, log) -> dict:
     c_same = bool(torch.equal(ref.argmax(1), got_c.argmax(1)))
     c_forms = forced.sparse_compile_report.forms()
     log(f"mode='condensed' ({', '.join(f'{k}: {v}' for k, v in c_forms.items())}): max |difference| {c_abs:.2e} "
-        f"(relative {c_abs / max(float(ref.abs().max()), 1e-30):.2e}); identical predictions: {'yes' if c_same else 'NO'}")
+        f"(relative {c_abs / max(float(ref.abs().max()), 1e-30):.2e}); "
+        f"identical predictions: {'yes' if c_same else 'NO'}")
     result.update(condensed_forms=c_forms, condensed_max_abs_diff=c_abs, condensed_identical_predictions=c_same)
     return result
 
@@ -219,15 +220,13 @@ def _fan_ins(model) -> dict:
 
 
 def _plots(out: Path, result: dict) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
 
     files = []
     # accuracy bars
     acc = result["accuracy"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     names = [LABELS[m] for m in acc]
     vals = [100 * v for v in acc.values()]
     bars = ax.bar(names, vals, color=["#777777", "#4C72B0", "#DD8452"][: len(vals)])
@@ -241,13 +240,13 @@ def _plots(out: Path, result: dict) -> list:
     fig.tight_layout()
     files.append(out / "accuracy.png")
     fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
 
     # layer timing bars
     t = result["vit_layer"]
     us = t["median_us"]
     keys = list(us)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig = Figure(figsize=(8, 3.6))
+    ax = fig.subplots()
     labels = [t["labels"][k].replace(" (", "\n(") for k in keys]
     y = range(len(keys))
     colors = {"dense": "#777777", "csr": "#4C72B0", "condensed": "#DD8452", "condensed_wrapper": "#C44E52"}
@@ -257,19 +256,20 @@ def _plots(out: Path, result: dict) -> list:
     xmax = max(us.values())
     ax.set_xlim(0, xmax * 1.5)
     for i, k in enumerate(keys):
-        ax.text(us[k] + xmax * 0.01, i, f"{us[k]:.0f} us ({us['dense'] / us[k]:.2f}x vs dense)", va="center", fontsize=8)
+        ax.text(us[k] + xmax * 0.01, i, f"{us[k]:.0f} us ({us['dense'] / us[k]:.2f}x vs dense)",
+                va="center", fontsize=8)
     ax.set_xlabel("median time per call (microseconds), lower is better")
     ax.set_title(f"ViT-B/16 MLP layer {t['shape'][0]}x{t['shape'][1]}, {100 * t['sparsity']:.0f}% sparse, "
                  f"batch 1, CPU, {t['threads']} thread(s)", fontsize=10)
     fig.tight_layout()
     files.append(out / "layer_timing.png")
     fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
 
     # fan-in histograms: RigL spreads, SRigL is one value per layer (or 0 for ablated neurons)
     fan = result["fan_in"]
     layers = list(next(iter(fan.values())))
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.4), squeeze=False)
+    fig = Figure(figsize=(4 * len(layers), 3.4))
+    axes = fig.subplots(1, len(layers), squeeze=False)
     for ax, layer in zip(axes[0], layers):
         for method, color in (("rigl", "#4C72B0"), ("srigl", "#DD8452")):
             if method in fan and layer in fan[method]:
@@ -284,7 +284,6 @@ def _plots(out: Path, result: dict) -> list:
     fig.tight_layout()
     files.append(out / "fan_in_hist.png")
     fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
     return files
 
 

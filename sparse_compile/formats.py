@@ -21,6 +21,7 @@ Forms (each converts back to the masked dense weight exactly):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from typing import Optional
 
 import torch
@@ -420,7 +421,10 @@ def to_csr(
     crow = torch.zeros(live.shape[0] + 1, dtype=torch.int64, device=weight.device)
     crow[1:] = torch.cumsum(counts, 0)
     r, c = torch.nonzero(live, as_tuple=True)
-    csr = torch.sparse_csr_tensor(crow, c, w2[r, c], size=tuple(live.shape), dtype=weight.dtype, device=weight.device,
-        check_invariants=False,  # built from a nonzero() scan, valid by construction
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = torch.sparse_csr_tensor(
+            crow, c, w2[r, c], size=tuple(live.shape), dtype=weight.dtype, device=weight.device,
+            check_invariants=False,  # built from a nonzero() scan, valid by construction
+        )
     return CSRForm(csr, rows, tuple(weight.shape), name)

@@ -20,7 +20,7 @@ All modules keep their state in parameters / buffers and plain attributes, which
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -146,22 +146,32 @@ class CondensedConv2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, k={self.k}")
 
 
-@torch.library.custom_op("sparse_compile::csr_mm", mutates_args=())
 def csr_mm(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
-    """``W @ x`` for the CSR matrix ``W [len(crow)-1, n_cols]`` given by its three arrays, ``x [n_cols, m]``.
-
-    A custom op over plain tensors, so that ``torch.compile(fullgraph=True)`` and ``torch.export``
-    (which do not take sparse tensors) keep it as one opaque call.
-    """
+    """``W @ x`` for the CSR matrix ``W [len(crow)-1, n_cols]`` given by its three arrays, ``x [n_cols, m]``."""
     # Invariants were checked when the module was built (and on load): skip re-checking per call.
     w = torch.sparse_csr_tensor(crow_indices, col_indices, values, (crow_indices.numel() - 1, n_cols),
                                 dtype=values.dtype, device=values.device, check_invariants=False)
     return torch.mm(w, x)
 
 
-@csr_mm.register_fake
+@torch.library.custom_op("sparse_compile::csr_mm", mutates_args=())
+def _csr_mm_op(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
+    """:func:`csr_mm` as an op over plain tensors, so that ``torch.compile(fullgraph=True)`` and
+    ``torch.export`` (which do not take sparse tensors) keep it as one opaque call."""
+    return csr_mm(crow_indices, col_indices, values, n_cols, x)
+
+
+@_csr_mm_op.register_fake
 def _csr_mm_fake(crow_indices, col_indices, values, n_cols, x):
     return x.new_empty((crow_indices.shape[0] - 1, x.shape[1]))
+
+
+def _tracing() -> bool:
+    """True under torch.compile / export or a dispatch mode (e.g. fake tensors)."""
+    if torch.compiler.is_compiling():
+        return True
+    stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return bool(stack and stack())
 
 
 class _CSRBase(nn.Module):
@@ -178,6 +188,7 @@ class _CSRBase(nn.Module):
 
     @property
     def nnz(self) -> int:
+        """Stored entries of the weight."""
         return int(self.values.numel())
 
     def weight_csr(self) -> Tensor:
@@ -185,7 +196,9 @@ class _CSRBase(nn.Module):
         return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, (self.n_rows, self.n_cols))
 
     def _mm(self, x2: Tensor) -> Tensor:
-        return torch.ops.sparse_compile.csr_mm(self.crow_indices, self.col_indices, self.values, self.n_cols, x2)
+        if _tracing():  # compile / export / fake tensors: one opaque op over plain tensors
+            return torch.ops.sparse_compile.csr_mm(self.crow_indices, self.col_indices, self.values, self.n_cols, x2)
+        return csr_mm(self.crow_indices, self.col_indices, self.values, self.n_cols, x2)
 
 
 class CSRLinear(_CSRBase):

@@ -23,7 +23,6 @@ import builtins
 import importlib
 import json
 import math
-import operator
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -545,7 +544,7 @@ def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check
         _validate_module(name or "<root>", m)
     model.train(bool(spec.get("training", False)))
     if spec.get("report") is not None:
-        from .optimize import OptimizeReport
+        from .compiler import OptimizeReport
 
         model.sparse_compile_report = OptimizeReport.from_dict(spec["report"])
     if spec.get("config") is not None:

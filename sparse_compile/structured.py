@@ -48,13 +48,16 @@ class Reduced:
     dim: int
     keep: Tensor  # bool [C]
     const: Tensor  # float64 [C]
+    origin: frozenset = frozenset()  # names of the producer nodes whose reduction this carries
 
     @property
     def width(self) -> int:
+        """Full width along ``dim``."""
         return int(self.keep.numel())
 
     @property
     def n_kept(self) -> int:
+        """Channels actually present."""
         return int(self.keep.sum())
 
     def dropped_const(self) -> Tensor:
@@ -78,6 +81,7 @@ class PropagationResult:
     absorbed: dict = field(default_factory=dict)  # layer node name -> Reduced (its input)
     restores: list = field(default_factory=list)  # [Restore]
     bn_sliced: list = field(default_factory=list)  # BatchNorm targets replaced by sliced copies
+    useful: set = field(default_factory=set)  # producers whose reduction reached an absorbing layer
 
 
 ELEMENTWISE_MODULES = (
@@ -106,7 +110,15 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _NeedFull(Exception):
-    """Raised by a rule: this consumer needs the full width (message = why)."""
+    """Raised by a rule: this consumer needs the full width (message = why).
+
+    ``later_users``: every later user must see the restored tensor too (an in-place op mutates it,
+    and whoever reads it afterwards must read the mutated full-width tensor).
+    """
+
+    def __init__(self, msg: str, later_users: bool = False):
+        super().__init__(msg)
+        self.later_users = later_users
 
 
 def _nodes_in(a) -> list:
@@ -154,7 +166,7 @@ def _apply_elementwise(gm, node, x: fx.Node, s: Reduced) -> Reduced:
     if others:
         raise _NeedFull(f"{_describe(gm, node)} combines it with another tensor")
     if _is_inplace(gm, node) and len(x.users) > 1:
-        raise _NeedFull(f"{_describe(gm, node)} modifies it in place and it has other users")
+        raise _NeedFull(f"{_describe(gm, node)} modifies it in place and it has other users", later_users=True)
     if node.op == "call_function" and node.target in _DROPOUT_FUNCS:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         if training is not False:
@@ -177,10 +189,10 @@ def _apply_elementwise(gm, node, x: fx.Node, s: Reduced) -> Reduced:
         raise _NeedFull(f"{_describe(gm, node)} is not elementwise on it")
     const = torch.zeros_like(s.const)
     const[~s.keep] = out.to(torch.float64)
-    return Reduced(s.dim, s.keep, const)
+    return Reduced(s.dim, s.keep, const, s.origin)
 
 
-def _rule_batchnorm(gm, node, x, s: Reduced, res: PropagationResult, uses: dict) -> Reduced:
+def _rule_batchnorm(gm, node, x, s: Reduced, res: PropagationResult, uses: dict, apply: bool) -> Reduced:
     m = gm.get_submodule(node.target)
     if s.dim != 1:
         raise _NeedFull(f"{_describe(gm, node)} normalises dim 1 but the reduced dim is {s.dim}")
@@ -196,6 +208,10 @@ def _rule_batchnorm(gm, node, x, s: Reduced, res: PropagationResult, uses: dict)
         w = None if m.weight is None else m.weight[drop]
         b = None if m.bias is None else m.bias[drop]
         out = F.batch_norm(c, m.running_mean[drop], m.running_var[drop], w, b, False, 0.0, m.eps)
+    const = torch.zeros_like(s.const)
+    const[~s.keep] = out.reshape(-1).to(torch.float64)
+    if not apply:
+        return Reduced(s.dim, s.keep, const, s.origin)
     new = copy.deepcopy(m)
     n = int(keep.sum())
     new.num_features = n
@@ -208,9 +224,7 @@ def _rule_batchnorm(gm, node, x, s: Reduced, res: PropagationResult, uses: dict)
         new.running_var = m.running_var[keep].clone()
     _set_submodule(gm, node.target, new)
     res.bn_sliced.append(str(node.target))
-    const = torch.zeros_like(s.const)
-    const[~s.keep] = out.reshape(-1).to(torch.float64)
-    return Reduced(s.dim, s.keep, const)
+    return Reduced(s.dim, s.keep, const, s.origin)
 
 
 def _rule_pool(gm, node, x, s: Reduced) -> Reduced:
@@ -232,7 +246,7 @@ def _rule_pool(gm, node, x, s: Reduced) -> Reduced:
             raise _NeedFull(f"{_describe(gm, node)} averages in padding, so a constant does not stay constant")
     if _nodes_in((node.args[1:], node.kwargs)):
         raise _NeedFull(f"{_describe(gm, node)} has tensor arguments")
-    return Reduced(1, s.keep, s.const)
+    return Reduced(1, s.keep, s.const, s.origin)
 
 
 def _reduce_dims(node) -> Optional[tuple]:
@@ -257,7 +271,7 @@ def _rule_mean(gm, node, x, s: Reduced) -> Reduced:
     if s.dim in dims:
         raise _NeedFull(f"{_describe(gm, node)} reduces over the channel dimension")
     new_dim = s.dim if keepdim else s.dim - sum(1 for d in dims if d < s.dim)
-    return Reduced(new_dim, s.keep, s.const)
+    return Reduced(new_dim, s.keep, s.const, s.origin)
 
 
 def _flatten_args(gm, node) -> Optional[tuple]:
@@ -277,7 +291,7 @@ def _merge(s: Reduced, shape: tuple, start: int, end: int, gm, node) -> Reduced:
     if d < start:
         return s
     if d > end:
-        return Reduced(d - (end - start), s.keep, s.const)
+        return Reduced(d - (end - start), s.keep, s.const, s.origin)
     before = 1
     for v in shape[start:d]:
         before *= v
@@ -286,7 +300,7 @@ def _merge(s: Reduced, shape: tuple, start: int, end: int, gm, node) -> Reduced:
     after = 1
     for v in shape[d + 1:end + 1]:
         after *= v
-    return Reduced(start, s.keep.repeat_interleave(after), s.const.repeat_interleave(after))
+    return Reduced(start, s.keep.repeat_interleave(after), s.const.repeat_interleave(after), s.origin)
 
 
 def _rule_flatten(gm, node, x, s: Reduced) -> Reduced:
@@ -379,8 +393,13 @@ def propagate(
     absorbs: Callable[[fx.Node, Reduced], Optional[str]],
     dtype: torch.dtype = torch.float32,
     device=None,
+    apply: bool = True,
 ) -> PropagationResult:
     """Propagate output reductions through ``gm`` (in place) and restore the full width where needed.
+
+    With ``apply=False`` nothing is changed: the result only says what would happen (in particular
+    ``useful``, the producers whose reduction some layer absorbs; a reduction that only ever gets
+    restored costs a scatter and saves nothing).
 
     ``producers`` maps Linear/Conv2d nodes (whose modules will output only their kept neurons) to
     their :class:`Reduced` state. ``absorbs(node, state)`` is asked for every Linear/Conv2d node fed
@@ -397,8 +416,13 @@ def propagate(
         if n.op == "call_module":
             uses[n.target] = uses.get(n.target, 0) + 1
 
-    def restore(x: fx.Node, user: fx.Node, reason: str) -> None:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def restore(x: fx.Node, user: fx.Node, reason: str, later_users: bool = False) -> None:
         s = state[x]
+        res.restores.append(Restore(x.name, user.name, reason))
+        if not apply:
+            return
         if x not in restored:
             name = f"sc_restore_{x.name}"
             fill = s.const.to(dtype=_meta_dtype(x, dtype), device=device)
@@ -410,7 +434,10 @@ def propagate(
             if "tensor_meta" in x.meta:
                 r.meta["tensor_meta"] = x.meta["tensor_meta"]
         user.replace_input_with(x, restored[x])
-        res.restores.append(Restore(x.name, user.name, reason))
+        if later_users:
+            for u in list(x.users):
+                if u is not restored[x] and order.get(u, -1) > order[user]:
+                    u.replace_input_with(x, restored[x])
 
     for node in list(gm.graph.nodes):
         reduced_in = list(dict.fromkeys(a for a in _nodes_in((node.args, node.kwargs)) if a in state))
@@ -422,29 +449,33 @@ def propagate(
             x = reduced_in[0]
             s = state[x]
             try:
-                new_state = _consume(gm, node, x, s, res, uses, absorbs)
+                new_state = _consume(gm, node, x, s, res, uses, absorbs, apply)
             except _NeedFull as e:
-                restore(x, node, str(e))
+                restore(x, node, str(e), e.later_users)
                 new_state = None
         elif len(reduced_in) > 1:
             for x in reduced_in:
                 restore(x, node, f"{_describe(gm, node)} combines several reduced tensors")
         if node in producers:
-            new_state = producers[node]
+            p = producers[node]
+            new_state = Reduced(p.dim, p.keep, p.const, frozenset([node.name]))
         if new_state is not None:
             state[node] = new_state
-    gm.graph.lint()
-    gm.recompile()
+    if apply:
+        gm.graph.lint()
+        gm.recompile()
     return res
 
 
-def _consume(gm, node, x, s: Reduced, res: PropagationResult, uses: dict, absorbs) -> Optional[Reduced]:
+def _consume(gm, node, x, s: Reduced, res: PropagationResult, uses: dict, absorbs,
+             apply: bool = True) -> Optional[Reduced]:
     """New state of ``node`` consuming reduced ``x`` (None: node's output is not reduced)."""
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, nn.Conv2d)):
         if node.args and node.args[0] is x and len(_nodes_in((node.args, node.kwargs))) == 1:
             why = absorbs(node, s)
             if why is None:
                 res.absorbed[node.name] = s
+                res.useful |= s.origin
                 return None
             raise _NeedFull(why)
         raise _NeedFull(f"{_describe(gm, node)} takes it in an unexpected position")
@@ -454,7 +485,7 @@ def _consume(gm, node, x, s: Reduced, res: PropagationResult, uses: dict, absorb
     if rule == "elementwise":
         return _apply_elementwise(gm, node, x, s)
     if rule == "batchnorm":
-        return _rule_batchnorm(gm, node, x, s, res, uses)
+        return _rule_batchnorm(gm, node, x, s, res, uses, apply)
     if rule == "pool":
         return _rule_pool(gm, node, x, s)
     if rule == "flatten":

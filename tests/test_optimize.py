@@ -11,7 +11,7 @@ from torch import nn
 
 import sparse_compile
 from sparse_compile import layers as L
-from sparse_compile.optimize import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
+from sparse_compile.compiler import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
 from sparse_compile.trainer import SRigL
 
 MODES = ["dense", "structured", "condensed", "csr", "auto"]
@@ -64,6 +64,7 @@ def small_torchvision_vit():
 def check(model, x, mode, **kw):
     with torch.no_grad():
         ref = model(x)
+        assert ref.std() > 0  # a constant output (e.g. a zero-initialised head) would prove nothing
         opt = optimize(model, (x,), mode=mode, repeats=1, warmup=0, **kw)
         err = relative_error(opt(x), ref)
     assert err <= RTOL, f"mode {mode}: relative error {err:.2e}"
@@ -178,7 +179,7 @@ def test_conv_bn_pool_flatten_propagation():
     assert isinstance(opt.get_submodule("1"), nn.BatchNorm2d) and opt.get_submodule("1").num_features == rep["0"].active
 
 
-def test_padded_conv_with_nonzero_constant_restores_full_width():
+def test_padded_conv_with_nonzero_constant_keeps_full_width():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
     mask = torch.ones_like(model[0].weight, dtype=torch.bool)
     mask[[2, 7]] = False  # two ablated channels
@@ -186,13 +187,17 @@ def test_padded_conv_with_nonzero_constant_restores_full_width():
         model[0].weight.mul_(mask)
         model[0].bias.fill_(1.0)  # ablated channels output relu(1) = 1: the zero border would differ
     model[0].register_buffer("weight_mask", mask)
-    opt = check(model, torch.randn(1, 3, 6, 6), "structured")
-    restores = opt.sparse_compile_report.restores
-    assert len(restores) == 1 and "border" in restores[0]["reason"]
+    x = torch.randn(1, 3, 6, 6)
+    # Nothing can absorb the reduction, so layer 0 is not reduced at all: structured computes its
+    # active channels and scatters them back, the sparse forms compute the constant channels too.
+    rep = {r.name: r for r in check(model, x, "structured").sparse_compile_report}
+    assert rep["0"].output == "scatter" and rep["2"].inputs_kept == "16/16"
+    rep = {r.name: r for r in check(model, x, "condensed", min_numel=0).sparse_compile_report}
+    assert rep["0"].output == "computed" and rep["2"].inputs_kept == "16/16"
     # With a zero constant the border is the same everywhere: the channels are dropped for good.
     with torch.no_grad():
         model[0].bias.fill_(-1.0)
-    opt = check(model, torch.randn(1, 3, 6, 6), "structured")
+    opt = check(model, x, "structured")
     assert opt.sparse_compile_report.restores == []
     assert opt.get_submodule("2").weight.shape[1] == 14
 
@@ -280,11 +285,25 @@ def test_dense_and_small_layers_are_reported():
     with torch.no_grad():
         model[5].weight.normal_()
         del model[5].weight_mask  # a dense layer
-    with pytest.warns(UserWarning, match="not converted"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dense and tiny layers are kept by design: reported, no warning
         opt = check(model, torch.randn(2, 64), "condensed", min_numel=4096)
     r = {r.name: r for r in opt.sparse_compile_report}
     assert r["5"].form in ("dense", "structured") and "dense weight" in r["5"].reason
     assert r["7"].form in ("dense", "structured") and "too small" in r["7"].reason  # 1280 weights
+
+
+def test_grouped_conv_is_kept_dense_with_a_warning():
+    conv = nn.Conv2d(16, 32, 3, groups=2)
+    mask = torch.rand(conv.weight.shape) < 0.5
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    conv.register_buffer("weight_mask", mask)
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    with pytest.warns(UserWarning, match=r"1 sparse layer\(s\) not converted .*: 0"):
+        opt = check(model, torch.randn(1, 16, 6, 6), "condensed", min_numel=0)
+    r = opt.sparse_compile_report[0]
+    assert r.form == "dense" and "grouped conv" in r.reason
 
 
 def test_mode_patterns():
@@ -332,7 +351,10 @@ def test_untraceable_model_falls_back_with_warning():
     with pytest.warns(UserWarning, match="FX cannot trace Untraceable .*swapping modules in place"):
         opt = check(model, x, "condensed")
     assert not opt.sparse_compile_report.traced
-    assert isinstance(opt.fc1, nn.Sequential) and isinstance(opt.fc1[0], L.CondensedLinear)  # + scatter
+    # Swapped in place; with no graph to propagate through, it computes its ablated (constant) rows too.
+    assert isinstance(opt.fc1, L.CondensedLinear) and opt.fc1.out_features == 128
+    rep = {r.name: r for r in opt.sparse_compile_report}
+    assert rep["fc1"].ablated > 0 and rep["fc1"].output == "computed"
 
 
 def test_torchvision_vit_multihead_attention_out_proj_is_rewritten():
@@ -353,8 +375,8 @@ def test_config_roundtrip_and_validation():
         optimize(mlp(), mode="dense", repeat=3)
 
 
-def test_package_attribute_is_callable(sparse_mlp):
-    # `sparse_compile.optimize` names both the submodule and the function: either way it is callable.
+def test_package_attribute_is_the_function(sparse_mlp):
+    assert sparse_compile.optimize is optimize
     opt = sparse_compile.optimize(sparse_mlp, (torch.randn(1, 64),), mode="structured")
     assert hasattr(opt, "sparse_compile_report")
 
@@ -395,3 +417,48 @@ def test_export_vit():
     ep = torch.export.export(opt, (x,))
     with torch.no_grad():
         assert relative_error(ep.module()(x), model(x)) <= RTOL
+
+
+def test_bf16(sparse_mlp):
+    model = copy.deepcopy(sparse_mlp).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        for mode in ("condensed", "auto"):
+            opt = optimize(model, (x,), mode=mode, repeats=1, warmup=0)
+            assert relative_error(opt(x), ref) <= 1e-2
+        opt = optimize(model, (x,), mode="csr")  # CPU torch has no bf16 CSR matmul: kept, with the reason
+    r = {r.name: r for r in opt.sparse_compile_report}["2"]
+    assert r.form == "structured" and "no sparse CSR matmul for bfloat16" in r.reason
+
+
+def test_corrupt_cache_is_ignored_with_a_warning(sparse_mlp, tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "autotune.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring unreadable autotune cache"):
+        opt = optimize(sparse_mlp, (torch.randn(1, 64),), mode="auto", repeats=1, warmup=0)
+    assert opt.sparse_compile_report.cache["misses"] > 0
+    json.loads((tmp_path / "cache" / "autotune.json").read_text())  # rewritten, valid
+
+
+class InplaceShared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 64), nn.Linear(64, 8), nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        a = self.fc2(h)
+        torch.relu_(h)  # mutates h: fc3 (after it) must see the mutated, full-width h
+        return a + self.fc3(h)
+
+
+def test_inplace_op_on_a_shared_reduced_tensor():
+    model = InplaceShared().eval()
+    mask = torch.rand(64, 32) < 0.3
+    mask[[3, 9]] = False
+    with torch.no_grad():
+        model.fc1.weight.mul_(mask)
+        model.fc1.bias[[3, 9]] = torch.tensor([0.7, -0.4])
+    model.fc1.register_buffer("weight_mask", mask)
+    check(model, torch.randn(4, 32), "structured", min_numel=0)

@@ -11,7 +11,7 @@ from torch import nn
 
 import sparse_compile
 from sparse_compile.layers import CondensedLinear, ConstantScatter
-from sparse_compile.optimize import optimize
+from sparse_compile.compiler import optimize
 from sparse_compile.serialize import META_KEY, load, save
 from sparse_compile.trainer import SRigL
 
@@ -176,7 +176,7 @@ def test_tampered_scatter_and_dense_layers(sparse_mlp, tmp_path):
     def bad_chain(t):
         for k in [k for k in keys if k.startswith("2.")]:
             t[k] = t[k][:-1].contiguous() if t[k].dim() and k.endswith(("weight", "bias")) else t[k]
-    with pytest.raises(ValueError, match="fails on its recorded input shapes|weight shape"):
+    with pytest.raises(ValueError, match="fails on its recorded input shapes"):
         load(_tamper(path, tmp_path / "b2.sc", bad_chain,
                      lambda s: s["root"]["children"]["2"]["attrs"].update(out_features=s["root"]["children"]["2"]
                                                                           ["attrs"]["out_features"] - 1)))

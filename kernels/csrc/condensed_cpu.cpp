@@ -9,10 +9,11 @@
 //  * small batch (GEMV, B <= kGemvMaxRows): row-major x; per neuron, x is gathered 8 indices at a
 //    time (scalar loads merged into a vector, see gather4) into 2 independent accumulators, 16
 //    entries per step; a row's last partial chunk is read in full and masked.
-//  * larger batch: x transposed once to feature-major xT [in, B] (zero-padded to whole vectors);
-//    then every (i, j) is acc[0:W] += v * xT[idx, 0:W]: contiguous vector loads instead of
-//    gathers. W (8/16/32 columns) is the register block; the block loop is outside the neuron loop
-//    so the xT slice stays cached while the weights stream.
+//  * larger batch: x transposed once (8 x 8 register tiles) to feature-major column blocks
+//    xT [in, W] (zero-padded to whole vectors); then every (i, j) is
+//    acc[0:W] += v * xT[idx, 0:W]: contiguous vector loads instead of gathers. 8/16/32 columns
+//    are the register block; the block loop is outside the neuron loop so the xT slice stays
+//    cached while the weights stream.
 // Conv2d runs the feature-major kernel on a stride-phase split of the padded image (no im2col),
 // see condensed_conv2d_cpu.
 // Threads: at::parallel_for over neurons (torch's intra-op pool, so torch.set_num_threads holds).
@@ -32,7 +33,9 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+// The AVX2 kernels use GCC/Clang inline asm with BMI1/2 instructions (every AVX2 CPU has them).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && defined(__BMI__) && \
+    defined(__BMI2__) && defined(__GNUC__)
 #include <immintrin.h>
 #define SC_AVX2 1
 #else
@@ -65,12 +68,6 @@ inline __m256 load8(const c10::BFloat16* p) {
   __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
-inline __m256i load_idx8(const int16_t* p) {
-  return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256i load_idx8(const int32_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -83,7 +80,7 @@ inline float hsum(__m256 v) {
 // loads folded into vinsertps, with the four 16-bit indices of one 64-bit load peeled off by
 // movzx/bextr/shrx, cost ~4 macro-ops per float and measured 2x faster. Inline asm because
 // compilers do not fold the loads into vinsertps. Indices are non-negative, so zero-extension is
-// exact.
+// exact. No "memory" clobber: the asm only reads x, which nothing writes while a kernel runs.
 inline __m128 gather4(const float* x, const int16_t* q) {
   uint64_t p;
   std::memcpy(&p, q, 8);
@@ -99,8 +96,7 @@ inline __m128 gather4(const float* x, const int16_t* q) {
       "vinsertps $0x30, (%[x],%[t3],4), %[r], %[r]"
       : [r] "=&x"(r), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3)
       : [x] "r"(x), [p] "r"(p), [c1] "r"(uint64_t{0x1010}), [c2] "r"(uint64_t{0x1020}),
-        [c3] "r"(uint64_t{48})
-      : "memory");
+        [c3] "r"(uint64_t{48}));
   return r;
 }
 inline __m128 gather4(const float* x, const int32_t* q) {
@@ -118,8 +114,7 @@ inline __m128 gather4(const float* x, const int32_t* q) {
       "shrx %[c], %[p1], %[t3]\n\t"
       "vinsertps $0x30, (%[x],%[t3],4), %[r], %[r]"
       : [r] "=&x"(r), [t0] "=&r"(t0), [t1] "=&r"(t1), [t2] "=&r"(t2), [t3] "=&r"(t3)
-      : [x] "r"(x), [p0] "r"(p0), [p1] "r"(p1), [c] "r"(uint64_t{32})
-      : "memory");
+      : [x] "r"(x), [p0] "r"(p0), [p1] "r"(p1), [c] "r"(uint64_t{32}));
   return r;
 }
 template <typename I>
@@ -283,6 +278,52 @@ void fm_all(const float* xT, int64_t ld, int64_t ncols, bool padded, int64_t col
   });
 }
 
+// xT[b, r, c] = x[b * W + c, r] (0 for rows >= B): x [B, in] (row stride ldx) to feature-major
+// column blocks [ceil(B / W), in, W], W a multiple of 8. 8 x 8 tiles transposed in registers:
+// torch's strided copy does the same at a few GB/s, which at 99% sparsity cost more than the
+// product itself.
+void to_column_blocks(const float* x, int64_t ldx, int64_t B, int64_t in, int64_t W, float* xT) {
+  const int64_t nblk = (B + W - 1) / W, in8 = in / 8 * 8;
+  at::parallel_for(0, nblk * (W / 8), std::max<int64_t>(1, 4096 / std::max<int64_t>(1, in)),
+                   [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / (W / 8), c0 = t % (W / 8) * 8, row0 = blk * W + c0;
+      const int64_t nrows = std::clamp<int64_t>(B - row0, 0, 8);
+      float* dst = xT + blk * in * W + c0;
+      int64_t r = 0;
+#if SC_AVX2
+      for (; r < in8; r += 8) {
+        __m256 v[8];
+        for (int q = 0; q < 8; ++q)
+          v[q] = q < nrows ? _mm256_loadu_ps(x + (row0 + q) * ldx + r) : _mm256_setzero_ps();
+        // 8 x 8 transpose: v[q][e] -> out row r + e, column q.
+        const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
+        const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
+        const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
+        const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
+        const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+        const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+        const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+        const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+        float* o = dst + r * W;
+        _mm256_storeu_ps(o + 0 * W, _mm256_permute2f128_ps(b0, b4, 0x20));
+        _mm256_storeu_ps(o + 1 * W, _mm256_permute2f128_ps(b1, b5, 0x20));
+        _mm256_storeu_ps(o + 2 * W, _mm256_permute2f128_ps(b2, b6, 0x20));
+        _mm256_storeu_ps(o + 3 * W, _mm256_permute2f128_ps(b3, b7, 0x20));
+        _mm256_storeu_ps(o + 4 * W, _mm256_permute2f128_ps(b0, b4, 0x31));
+        _mm256_storeu_ps(o + 5 * W, _mm256_permute2f128_ps(b1, b5, 0x31));
+        _mm256_storeu_ps(o + 6 * W, _mm256_permute2f128_ps(b2, b6, 0x31));
+        _mm256_storeu_ps(o + 7 * W, _mm256_permute2f128_ps(b3, b7, 0x31));
+      }
+#else
+      (void)in8;
+#endif
+      for (; r < in; ++r)
+        for (int64_t q = 0; q < 8; ++q) dst[r * W + q] = q < nrows ? x[(row0 + q) * ldx + r] : 0.f;
+    }
+  });
+}
+
 // x2: float [B, in] with unit column stride; out: float [B, n] contiguous.
 template <typename V, typename I>
 void linear_f32(const at::Tensor& x2, const V* vals, const I* idx, int64_t n, int64_t k,
@@ -307,13 +348,9 @@ void linear_f32(const at::Tensor& x2, const V* vals, const I* idx, int64_t n, in
   const int64_t in = x2.size(1);
   const bool blocked = SC_AVX2 && B > kWideBlock;
   const int64_t W = blocked ? kBlock : (B + 7) / 8 * 8;
-  const int64_t nblk = (B + W - 1) / W, Bp = nblk * W;
-  at::Tensor xp = x2;
-  if (Bp != B) {
-    xp = at::zeros({Bp, in}, x2.options());
-    xp.narrow(0, 0, B).copy_(x2);
-  }
-  const at::Tensor xT = xp.view({nblk, W, in}).transpose(1, 2).contiguous();  // [nblk, in, W]
+  const int64_t nblk = (B + W - 1) / W;
+  at::Tensor xT = at::empty({nblk, in, W}, x2.options());
+  to_column_blocks(x2.data_ptr<float>(), x2.stride(0), B, in, W, xT.data_ptr<float>());
   fm_all(xT.data_ptr<float>(), W, B, /*padded=*/true, W, in * W, vals, idx, n, k, bias, out,
          /*os_n=*/1, /*os_l=*/n);
 }

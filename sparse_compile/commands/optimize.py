@@ -91,7 +91,7 @@ def run(args) -> int:
 
     from ..checkpoint import load_state_dict
     from ..models import input_shape
-    from ..optimize import MODES, optimize
+    from ..compiler import MODES, optimize
     from ..serialize import save
 
     if args.mode not in MODES:

@@ -89,7 +89,8 @@ def build_model(recipe) -> nn.Module:
     from sparse_compile.models import create_model, model_spec
 
     kw = {}
-    if recipe.image_size is not None and "image_size" in pyinspect.signature(model_spec(recipe.model).builder).parameters:
+    builder_args = pyinspect.signature(model_spec(recipe.model).builder).parameters
+    if recipe.image_size is not None and "image_size" in builder_args:
         kw["image_size"] = recipe.image_size
     return create_model(recipe.model, num_classes=recipe.num_classes, **kw)
 
@@ -378,7 +379,8 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
         say(f"epoch {epoch + 1}: train loss {loss_sum / max(seen, 1):.4f}, test accuracy {test_acc:.4f}"
             + (f", sparsity {history[-1]['sparsity']:.4f}" if sparsifier is not None else ""))
         if out is not None and main:
-            _atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            _atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                              scheduler=scheduler.state_dict(),
                               sparsifier=sparsifier.state_dict() if sparsifier is not None else None,
                               epoch=epoch + 1, step=step, history=history, recipe=recipe.to_dict(), seed=seed,
                               rng=torch.get_rng_state()), ckpt_path)

@@ -1,4 +1,5 @@
 """Registration of the condensed ops: import, torch.compile, torch.export, autograd, arguments."""
+import io
 import os
 import subprocess
 import sys
@@ -122,9 +123,13 @@ def test_export_keeps_one_op_node():
     assert torch.ops.sparse_compile.condensed_linear.default in targets
     assert torch.ops.sparse_compile.condensed_conv2d.default in targets
     assert len(targets) == 2, targets
-    y, yc = ep.module()(x, img)
-    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(yc, F.conv2d(img, cw.reshape(5, 2, 3, 3), None, 1, 1, 1), rtol=1e-5, atol=1e-5)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)  # the serialized program refers to the ops by name
+    buf.seek(0)
+    for prog in (ep, torch.export.load(buf)):
+        y, yc = prog.module()(x, img)
+        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(yc, F.conv2d(img, cw.reshape(5, 2, 3, 3), None, 1, 1, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_fake_tensor_shapes():

@@ -34,7 +34,8 @@ def test_override_parses_types_and_keeps_original():
     r = get_recipe("resnet18_cifar10")
     o = r.override(["epochs=3", "sparsity=0.95", "lr_milestones=1,2", "nesterov=true", "grad_clip=0.5",
                     "method=rigl"])
-    assert (o.epochs, o.sparsity, o.lr_milestones, o.nesterov, o.grad_clip, o.method) == (3, 0.95, (1, 2), True, 0.5, "rigl")
+    assert (o.epochs, o.sparsity, o.lr_milestones, o.nesterov, o.grad_clip, o.method) == \
+        (3, 0.95, (1, 2), True, 0.5, "rigl")
     assert r.epochs == 250  # frozen original untouched
     assert o.override(["grad_clip=none"]).grad_clip is None
 

@@ -17,7 +17,8 @@ The pass (FX):
    so its out-projection is a real, rewritable layer;
 3. every non-dense layer with ablated neurons outputs only its active neurons; the removal is
    propagated through its consumers by :mod:`sparse_compile.structured` (constants folded into the
-   next layer's bias, or restored by a constant-filled scatter where that is not exact);
+   next layer's bias, or restored by a constant-filled scatter where that is not exact); a layer
+   whose removal no consumer can absorb keeps its full width instead;
 4. each layer gets its form: the mode's, or in ``"auto"`` the fastest exact one, measured on the
    target device with the shapes of ``example_inputs`` (cached, see :mod:`sparse_compile.autotune`);
 5. the result is checked against the original on ``example_inputs``.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -189,19 +191,22 @@ class _Slot:
     rel_err: Optional[float] = None
     new_module: Optional[nn.Module] = None
     sample: Optional[Tensor] = None
-    # effective layer (active rows x kept input columns), built lazily by _effective()
-    eff: Optional[dict] = None
+    # effective layer (rows x kept input columns), built lazily by _effective(), keyed by active_only
+    eff: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
+        """"conv2d" or "linear"."""
         return "conv2d" if isinstance(self.module, nn.Conv2d) else "linear"
 
     @property
     def ablated(self) -> bool:
+        """Whether some neurons are ablated (no live weight)."""
         return bool(self.info is not None and self.info.n_ablated > 0)
 
     @property
     def sparse(self) -> bool:
+        """Whether some weights are not live."""
         return bool(self.info is not None and self.info.nnz < self.info.numel)
 
     @property
@@ -211,8 +216,14 @@ class _Slot:
 
     @property
     def needs_scatter(self) -> bool:
-        """A non-dense form computes only active rows; without a reduced output they go back in place."""
-        return self.form != "dense" and self.ablated and not self.out_reduce
+        """Structured computes only the active rows (a dense zero row costs a full fan-in); without
+        a reduced output they go back in place. The sparse forms compute the ablated rows instead
+        (an empty / zero row is nearly free), so their output needs no scatter."""
+        return self.form == "structured" and self.ablated and not self.out_reduce
+
+    def active_only(self, form: str) -> bool:
+        """Whether ``form`` computes only the active rows of this layer."""
+        return self.ablated and (self.out_reduce or form == "structured")
 
 
 def _conv_padding(m: nn.Conv2d) -> Optional[tuple]:
@@ -231,20 +242,21 @@ def _conv_padding(m: nn.Conv2d) -> Optional[tuple]:
     return tuple(int(v) for v in p)
 
 
-def _effective(slot: _Slot) -> dict:
-    """The layer restricted to its active rows and kept input columns, with the bias fold.
+def _effective(slot: _Slot, active_only: bool) -> dict:
+    """The layer restricted to its kept input columns (and its active rows when ``active_only``),
+    with the bias fold.
 
     Returns dict(weight, live, bias): ``weight`` masked (exact zeros off the mask), ``live`` its
-    mask where every row has at least one live entry (a row whose live inputs were all dropped
-    keeps a zero entry, so the sparse forms still see every row), ``bias`` with the dropped inputs'
-    constant contribution added (computed in float64).
+    mask where every row has at least one live entry (an ablated row, or one whose live inputs
+    were all dropped, keeps a zero entry, so the sparse forms still see every row), ``bias`` with
+    the dropped inputs' constant contribution added (computed in float64).
     """
-    if slot.eff is not None:
-        return slot.eff
+    if active_only in slot.eff:
+        return slot.eff[active_only]
     m = slot.module
     w = m.weight.detach()
     live = slot.live
-    rows = slot.info.active_rows.to(w.device) if slot.ablated else None
+    rows = slot.info.active_rows.to(w.device) if (slot.ablated and active_only) else None
     wm = w * live.to(w.dtype)
     bias = None if m.bias is None else m.bias.detach().to(torch.float64)
     if rows is not None:
@@ -266,12 +278,12 @@ def _effective(slot: _Slot) -> dict:
     empty = ~flat.any(dim=1)
     if bool(empty.any()) and flat.shape[1]:
         flat[empty, 0] = True
-    slot.eff = {
+    slot.eff[active_only] = {
         "weight": wm.contiguous(),
         "live": live,
         "bias": None if bias is None else bias.to(w.dtype).contiguous(),
     }
-    return slot.eff
+    return slot.eff[active_only]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +370,7 @@ def _build_dense(slot, cfg):
 
 
 def _build_structured(slot, cfg):
-    e = _effective(slot)
+    e = _effective(slot, slot.active_only("structured"))
     m = slot.module
     rg = cfg.requires_grad
     if isinstance(m, nn.Conv2d):
@@ -368,7 +380,7 @@ def _build_structured(slot, cfg):
 
 
 def _build_condensed(slot, cfg):
-    e = _effective(slot)
+    e = _effective(slot, slot.active_only("condensed"))
     m = slot.module
     c = formats.to_condensed(e["weight"], e["live"], e["bias"], name=slot.name, pad=True)
     if c.n_active != e["weight"].shape[0]:  # _effective gives every row a live entry
@@ -380,7 +392,7 @@ def _build_condensed(slot, cfg):
 
 
 def _build_csr(slot, cfg):
-    e = _effective(slot)
+    e = _effective(slot, slot.active_only("csr"))
     m = slot.module
     csr = formats.to_csr(e["weight"], e["live"], active_only=False, name=slot.name).csr
     if isinstance(m, nn.Conv2d):
@@ -393,7 +405,28 @@ register_form(FormHandler("structured", _structured_unavailable, _build_structur
                           "dense over active neurons and kept inputs"))
 register_form(FormHandler("condensed", _condensed_unavailable, _build_condensed,
                           "condensed values/indices (torch.ops.sparse_compile)"))
-register_form(FormHandler("csr", _sparse_common, _build_csr, "torch.sparse_csr weight"))
+@functools.lru_cache(maxsize=None)
+def _csr_supported(device: str, dtype: torch.dtype) -> bool:
+    """Whether torch has a CSR @ dense matmul for this device and dtype (CPU lacks bf16 / fp16)."""
+    try:
+        w = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
+        torch.mm(w, torch.ones(2, 1, dtype=dtype, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _csr_unavailable(slot, cfg):
+    why = _sparse_common(slot, cfg)
+    if why:
+        return why
+    w = slot.module.weight
+    if not _csr_supported(str(w.device), w.dtype):
+        return f"torch has no sparse CSR matmul for {str(w.dtype).replace('torch.', '')} on {w.device.type}"
+    return None
+
+
+register_form(FormHandler("csr", _csr_unavailable, _build_csr, "torch.sparse_csr weight"))
 
 
 def _baseline(slot) -> str:
@@ -419,7 +452,10 @@ class LayerReport:
     ablated: int
     inputs_kept: str  # "kept/total" input columns (channels for a conv)
     form: str
-    output: str  # "reduced" (ablated neurons dropped), "scatter" (restored in place), "full"
+    # "reduced": ablated neurons dropped (the removal propagates to consumers); "scatter": active rows
+    # computed, then put back in a constant-filled output; "computed": the ablated (constant) rows are
+    # computed too (nearly free in a sparse form); "full": no ablated neurons, or the original layer.
+    output: str
     reason: str
     times_us: dict
     rel_err: Optional[float]
@@ -442,10 +478,12 @@ class OptimizeReport(list):
 
     @property
     def bytes_before(self) -> int:
+        """Weight + bias bytes of the original layers."""
         return sum(r.bytes_before for r in self)
 
     @property
     def bytes_after(self) -> int:
+        """Bytes of the modules that replaced them (scatter buffers included)."""
         return sum(r.bytes_after for r in self)
 
     def forms(self) -> dict:
@@ -583,9 +621,9 @@ def _scatter_for(slot: _Slot) -> ConstantScatter:
     return ConstantScatter(1 if slot.kind == "conv2d" else -1, slot.info.active_rows.to(fill.device), fill)
 
 
-def _placed(slot: _Slot, module: nn.Module) -> nn.Module:
+def _placed(slot: _Slot, module: nn.Module, form: Optional[str] = None) -> nn.Module:
     """The module to install: ``module``, followed by a scatter when its rows go back in place."""
-    if slot.form != "dense" and slot.ablated and not slot.out_reduce:
+    if (form or slot.form) == "structured" and slot.ablated and not slot.out_reduce:
         return nn.Sequential(module, _scatter_for(slot))
     return module
 
@@ -656,7 +694,7 @@ def optimize(
         gm = work
         msg = (f"sparse_compile.optimize: FX cannot trace {type(model).__name__} "
                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); swapping modules in "
-               "place instead (ablated neurons are restored after each layer, not propagated)")
+               "place instead (ablated neurons are not propagated across layers)")
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
 
@@ -680,8 +718,17 @@ def optimize(
             if s.node is not None and s.out_reduce:
                 producers[s.node] = _producer_state(s)
         by_node = {s.node: s for s in slots if s.node is not None}
+        absorbs = lambda n, st: _absorbs(gm, by_node.get(n), n, st)  # noqa: E731
         if producers:
-            res = propagate(gm, producers, lambda n, st: _absorbs(gm, by_node.get(n), n, st), dtype, dev)
+            # A reduction no layer absorbs would only be scattered back: such a layer computes its
+            # ablated rows (constant) itself instead, which is cheaper for the sparse forms.
+            plan = propagate(gm, producers, absorbs, dtype, dev, apply=False)
+            for s in slots:
+                if s.out_reduce and s.node.name not in plan.useful:
+                    s.out_reduce = False
+            producers = {n: st for n, st in producers.items() if n.name in plan.useful}
+        if producers:
+            res = propagate(gm, producers, absorbs, dtype, dev)
             restores = [asdict(r) for r in res.restores]
             for s in slots:
                 if s.node is not None and s.node.name in res.absorbed:
@@ -731,6 +778,9 @@ def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list
         if isinstance(m, nn.MultiheadAttention):
             if _mode_for(cfg.mode, f"{name}.out_proj") == "dense":
                 continue
+            op = m.out_proj
+            if formats.analyze(op.weight.detach(), formats.get_mask(op)).sparsity == 0:
+                continue  # a dense out-projection: keep torch's (fused) attention
             why = ExplicitMultiheadAttention.unsupported_reason(m)
             if why:
                 notes.append(f"{name}: kept nn.MultiheadAttention ({why}); its out_proj stays dense")
@@ -780,6 +830,10 @@ def _analyze_slot(s: _Slot, cfg: OptimizeConfig) -> None:
     s.info = formats.analyze(w.detach(), mask, s.name)
     s.live = formats.live_mask(w.detach(), mask, s.name)
     if s.mode == "dense":
+        return
+    if s.info.n_active == 0:  # e.g. a zero-initialised head: its output is its bias, nothing to gain
+        s.mode = "dense"
+        s.reason = "all neurons ablated or zero (output is the bias); kept dense"
         return
     if mask is not None:
         outside = int(((w.detach() != 0) & ~s.live).sum())
@@ -845,6 +899,8 @@ def _candidates(s: _Slot, cfg: OptimizeConfig) -> tuple:
     """(forms to consider, {form: why not}) for a slot in "auto" mode."""
     base = _baseline(s)
     cands, why_not = [base], {}
+    if base != "dense" and FORMS["dense"].unavailable(s, cfg) is None:
+        cands.append("dense")  # ablated but not reduced: all rows dense may beat active rows + scatter
     for f in cfg.auto_forms:
         if f == base or f == "structured":
             continue
@@ -860,7 +916,7 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
     fixed, auto = [], []
     for s in slots:
         if s.mode == "dense":
-            s.form, s.reason = "dense", "mode 'dense'"
+            s.form, s.reason = "dense", s.reason or "mode 'dense'"
         elif s.mode == "auto":
             cands, why_not = _candidates(s, cfg)
             s.times = {"_cands": cands, "_why_not": why_not}
@@ -934,8 +990,9 @@ def _capture(slot):
 
 
 def _timing_params(s: _Slot, form: str, module: nn.Module) -> dict:
-    e = _effective(s) if form != "dense" else {"weight": s.module.weight, "bias": s.module.bias}
-    p = {"kind": s.kind, "weight": list(e["weight"].shape), "bias": e["bias"] is not None}
+    e = _effective(s, s.active_only(form)) if form != "dense" else {"weight": s.module.weight, "bias": s.module.bias}
+    p = {"kind": s.kind, "weight": list(e["weight"].shape), "bias": e["bias"] is not None,
+         "scatter": form == "structured" and s.ablated and not s.out_reduce}
     if isinstance(module, (CondensedLinear, CondensedConv2d)):
         p["k"] = module.k
         p["index_dtype"] = str(module.indices.dtype)
@@ -953,13 +1010,14 @@ def _autotune_slot(s: _Slot, cfg, dev, dtype, cache, rtol) -> None:
     x = s.sample
     base_mod = s.new_module
     with torch.no_grad():
-        ref = copy.deepcopy(base_mod).to(torch.float64)(x.to(torch.float64))
+        ref = copy.deepcopy(_placed(s, base_mod, _baseline(s))).to(torch.float64)(x.to(torch.float64))
     times, errs, mods = {}, {}, {}
     for f in cands:
         mod = base_mod if f == _baseline(s) else FORMS[f].build(s, cfg)
+        placed = _placed(s, mod, f)  # what will run, scatter included
         try:
             with torch.no_grad():
-                y = mod(x)
+                y = placed(x)
             err = relative_error(y, ref)
         except Exception as e:  # a form that fails on this input is simply not a candidate
             why_not[f] = f"failed on the example input ({type(e).__name__}: {e})"
@@ -971,7 +1029,7 @@ def _autotune_slot(s: _Slot, cfg, dev, dtype, cache, rtol) -> None:
         key = timing_key(dev, dtype, tuple(x.shape), f, _timing_params(s, f, mod))
         t = cache.get(key)
         if t is None:
-            t = time_call(lambda: mod(x), dev, cfg.repeats, cfg.warmup)
+            t = time_call(lambda: placed(x), dev, cfg.repeats, cfg.warmup)
             cache.put(key, t)
         times[f] = t
         mods[f] = mod
@@ -994,30 +1052,19 @@ def _layer_report(s: _Slot) -> LayerReport:
     if s.form == "dense":
         after = before
     else:
-        after = module_nbytes(s.new_module) + (module_nbytes(_scatter_for(s)) if s.needs_scatter else 0)
+        after = module_nbytes(_placed(s, s.new_module))
     fan = str(info.fan_in_min) if info.constant_fan_in else f"{info.fan_in_min}-{info.fan_in_max}"
     total_in = m.in_features if s.kind == "linear" else m.in_channels
     kept_in = total_in if s.in_state is None else s.in_state.n_kept
     if s.form == "dense" or not s.ablated:
         output = "full"
+    elif s.out_reduce:
+        output = "reduced"
     else:
-        output = "reduced" if s.out_reduce else "scatter"
+        output = "scatter" if s.needs_scatter else "computed"
     times = {k: v for k, v in s.times.items() if not k.startswith("_")}
     return LayerReport(
         name=s.name, kind=s.kind, shape=tuple(m.weight.shape), sparsity=round(info.sparsity, 6), fan_in=fan,
         active=info.n_active, ablated=info.n_ablated, inputs_kept=f"{kept_in}/{total_in}", form=s.form,
         output=output, reason=s.reason, times_us=times, rel_err=s.rel_err, bytes_before=before, bytes_after=after,
     )
-
-
-class _CallableModule(type(json)):
-    """``sparse_compile.optimize`` is both this module and the function: importing the submodule
-    binds the package attribute to the module, so the module forwards calls to :func:`optimize`."""
-
-    def __call__(self, *args, **kwargs):
-        return optimize(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

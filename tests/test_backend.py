@@ -1,0 +1,115 @@
+"""``torch.compile(model, backend="sparse_compile")``: found by entry point, rewrites, matches."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from sparse_compile import backend as B
+from sparse_compile.compiler import relative_error
+from sparse_compile.trainer import SRigL
+
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_COMPILE_CACHE", str(tmp_path / "cache"))
+    torch._dynamo.reset()
+
+
+def srigl_init(model, sparsity=0.9, ablate=0.1, seed=0):
+    """Trainer init at ``sparsity``, a few neurons ablated with non-zero bias, non-trivial BN stats."""
+    torch.manual_seed(seed)
+    sp = SRigL(model, None, sparsity=sparsity, total_steps=100)
+    sp.remove()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in sp.discovery.targets:
+            m, mask = t.module, getattr(t.module, "weight_mask", None)
+            if mask is None or t.head or t.param_name != "weight" or mask.shape[0] < 8:
+                continue
+            rows = torch.randperm(mask.shape[0], generator=g)[: max(1, int(ablate * mask.shape[0]))]
+            mask[rows] = False
+            m.weight[rows] = 0
+            if m.bias is not None:
+                m.bias[rows] = torch.randn(len(rows), generator=g) + 0.5
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model.eval()
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.GELU(),
+                         nn.Linear(256, 10)).eval()
+
+
+def test_entry_point_found_without_import():
+    code = (
+        "import sys, torch\n"
+        "from torch._dynamo.backends.registry import list_backends, lookup_backend\n"
+        "assert 'sparse_compile' not in sys.modules\n"
+        "assert 'sparse_compile' in list_backends(), list_backends()\n"
+        "fn = lookup_backend('sparse_compile')\n"
+        "print(fn.__module__, fn.__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["sparse_compile.backend", "sparse_compile_backend"]
+
+
+@pytest.mark.slow
+def test_mlp_matches_and_is_rewritten():
+    model = srigl_init(mlp())
+    x = torch.randn(3, 64)
+    c = torch.compile(model, backend="sparse_compile", options={"mode": "condensed", "model": model})
+    with torch.no_grad():
+        assert relative_error(c(x), model(x)) <= RTOL
+    forms = B.last_report.forms()
+    assert forms["0"] == "condensed" and forms["2"] == "condensed"  # named after the model's layers
+    assert all(r.output == "reduced" for r in B.last_report if r.ablated and r.name != "4")
+
+
+@pytest.mark.slow
+def test_resnet18_matches():
+    model = srigl_init(torchvision.models.resnet18(num_classes=10))
+    with torch.no_grad():  # ablated conv1 channels: bn1 + relu give exactly 0, so the padded conv2 can drop them
+        for blk in (model.layer1[0], model.layer2[1]):
+            dead = ~blk.conv1.weight_mask.flatten(1).any(1)
+            blk.bn1.bias[dead] = -3.0
+    x = torch.randn(1, 3, 32, 32)
+    c = torch.compile(model, backend="sparse_compile", options={"mode": "structured", "model": model})
+    with torch.no_grad():
+        assert relative_error(c(x), model(x)) <= RTOL
+    rep = {r.name: r for r in B.last_report}
+    # Dynamo's functional batch_norm became a module again, so the reduction went through it.
+    for blk in ("layer1.0", "layer2.1"):
+        assert rep[f"{blk}.conv1"].output == "reduced"
+        kept, total = map(int, rep[f"{blk}.conv2"].inputs_kept.split("/"))
+        assert kept == rep[f"{blk}.conv1"].active < total
+
+
+def test_masks_from_zeros_without_model_option():
+    model = srigl_init(mlp())
+    with torch.no_grad():  # a live weight that is exactly 0: zero-testing sees a non-constant fan-in
+        live = model[2].weight_mask.nonzero()[0]
+        model[2].weight[live[0], live[1]] = 0.0
+    x = torch.randn(2, 64)
+    c = torch.compile(model, backend="sparse_compile", options={"mode": "condensed", "inductor": False})
+    with torch.no_grad():
+        assert relative_error(c(x), model(x)) <= RTOL
+    assert B.last_report.forms()["2"] == "condensed"  # padded to the max fan-in, still exact
+
+
+def test_bad_option_is_a_clear_error():
+    model = mlp()
+    c = torch.compile(model, backend="sparse_compile", options={"mdoe": "auto"})
+    with pytest.raises(Exception, match="unknown option.*mdoe"):
+        c(torch.randn(1, 64))

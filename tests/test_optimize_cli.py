@@ -1,0 +1,63 @@
+"""``sparse-compile optimize CHECKPOINT --model NAME ...``: prints the per-layer table and saves."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sparse_compile import cli, load
+from sparse_compile.models import create_model
+from sparse_compile.trainer import SRigL
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_COMPILE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=7)
+    SRigL(model, None, sparsity=0.9, total_steps=100).remove()
+    with torch.no_grad():  # ablate three neurons of fc1 (mask row off, bias non-zero)
+        model.fc1.weight_mask[:3] = False
+        model.fc1.weight[:3] = 0
+        model.fc1.bias[:3] = 1.5
+    path = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, model.eval()
+
+
+def test_optimize_cli_prints_table_and_saves(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    out = tmp_path / "mlp.sc"
+    rc = cli.main(["optimize", str(path), "--model", "mlp", "--mode", "auto", "--batch-size", "1",
+                   "--device", "cpu", "-o", str(out), "--repeats", "2"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["layer", "kind", "shape"]
+    for name in ("fc1", "fc2", "fc3"):
+        assert any(line.split()[0] == name for line in lines)
+    fc1 = next(line for line in lines if line.split()[0] == "fc1")
+    assert "reduced" in fc1  # its ablated neurons were dropped
+    assert f"saved {out}" in text
+    opt = load(out)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert (opt(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert opt.get_submodule("fc3").out_features == 7  # num_classes read from the head weight
+
+
+def test_optimize_cli_json_and_errors(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    rc = cli.main(["optimize", str(path), "--model", "mlp", "--mode", "condensed", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 0 and d["mode"] == "condensed" and d["output"].endswith("mlp.sc.safetensors")
+    assert {lay["name"]: lay["form"] for lay in d["layers"]}["fc1"] == "condensed"
+    assert cli.main(["optimize", str(path), "--model", "mlp", "--mode", "fastest"]) == 1
+    assert "--mode must be one of" in capsys.readouterr().err
+    assert cli.main(["optimize", str(path), "--model", "resnet18_cifar"]) == 1
+    assert "checkpoint" in capsys.readouterr().err
