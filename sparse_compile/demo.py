@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from .benchmark import cpu_model
+
 import torch
 import torch.nn.functional as F
 
@@ -28,18 +30,6 @@ __all__ = ["run_demo", "time_forms", "vit_mlp_layer"]
 
 METHODS = ("dense", "rigl", "srigl")
 LABELS = {"dense": "dense", "rigl": "RigL", "srigl": "SRigL", "static": "static"}
-
-
-def _cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _header(log, i: int, text: str) -> None:
@@ -308,7 +298,7 @@ def run_demo(out="demo-out", epochs: Optional[int] = None, sparsity: float = 0.9
 
 def _run(out: Path, epochs, sparsity, rounds, threads, seed, progress, log) -> dict:
     """The demo proper (threads and warning filters set by :func:`run_demo`)."""
-    log(f"sparse_compile demo: torch {torch.__version__}, {_cpu_name()}, {threads} thread(s), output in {out}/")
+    log(f"sparse_compile demo: torch {torch.__version__}, {cpu_model()}, {threads} thread(s), output in {out}/")
     kernels_info = _setup_kernels(log)
     t_start = time.perf_counter()
 
@@ -326,7 +316,7 @@ def _run(out: Path, epochs, sparsity, rounds, threads, seed, progress, log) -> d
     _header(log, 4, f"write {out}/report.json and plots")
     result = {
         "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-        "cpu": _cpu_name(), "threads": threads, "seed": seed,
+        "cpu": cpu_model(), "threads": threads, "seed": seed,
         "kernels": kernels_info,
         "training": {"recipe": trained["recipe"].to_dict(), "sparsity": sparsity,
                      "runs": {m: {"test_accuracy": r["test_accuracy"], "seconds": r["seconds"],

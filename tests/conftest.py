@@ -4,11 +4,15 @@ Triton kernels run on CPU through the interpreter when there is no GPU; the vari
 before anything imports triton, which is why it happens here, first.
 """
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Shared test helpers (sparse_models.py) import by name from this folder under --import-mode=importlib.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 

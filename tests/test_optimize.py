@@ -12,7 +12,7 @@ from torch import nn
 import sparse_compile
 from sparse_compile import layers as L
 from sparse_compile.compiler import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
-from sparse_compile.trainer import SRigL
+from sparse_models import srigl_init
 
 MODES = ["dense", "structured", "condensed", "csr", "auto"]
 RTOL = 1e-5
@@ -21,34 +21,6 @@ RTOL = 1e-5
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_COMPILE_CACHE", str(tmp_path / "cache"))
-
-
-def srigl_init(model, sparsity=0.9, ablate=0.1, seed=0):
-    """Our trainer's initialisation at ``sparsity``, then ``ablate`` of each non-head layer's neurons
-    ablated (whole mask row off, bias set non-zero so their constant output matters), and BatchNorm
-    given non-trivial running statistics; eval mode."""
-    torch.manual_seed(seed)
-    sp = SRigL(model, None, sparsity=sparsity, total_steps=100)
-    sp.remove()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in sp.discovery.targets:
-            m, mask = t.module, getattr(t.module, "weight_mask", None)
-            if mask is None or t.head or t.param_name != "weight" or mask.shape[0] < 8:
-                continue
-            rows = torch.randperm(mask.shape[0], generator=g)[: max(1, int(ablate * mask.shape[0]))]
-            mask[rows] = False
-            m.weight[rows] = 0
-            if m.bias is not None:
-                m.bias[rows] = torch.randn(len(rows), generator=g) + 0.5
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model.eval()
 
 
 def mlp():

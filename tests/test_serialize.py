@@ -13,36 +13,12 @@ import sparse_compile
 from sparse_compile.layers import CondensedLinear, ConstantScatter
 from sparse_compile.compiler import optimize
 from sparse_compile.serialize import META_KEY, load, save
-from sparse_compile.trainer import SRigL
+from sparse_models import srigl_init
 
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_COMPILE_CACHE", str(tmp_path / "cache"))
-
-
-def srigl_init(model, sparsity=0.9, ablate=0.1, seed=0):
-    """Trainer init at ``sparsity``, a few neurons ablated with non-zero bias, non-trivial BN stats."""
-    torch.manual_seed(seed)
-    sp = SRigL(model, None, sparsity=sparsity, total_steps=100)
-    sp.remove()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in sp.discovery.targets:
-            m, mask = t.module, getattr(t.module, "weight_mask", None)
-            if mask is None or t.head or t.param_name != "weight" or mask.shape[0] < 8:
-                continue
-            rows = torch.randperm(mask.shape[0], generator=g)[: max(1, int(ablate * mask.shape[0]))]
-            mask[rows] = False
-            m.weight[rows] = 0
-            if m.bias is not None:
-                m.bias[rows] = torch.randn(len(rows), generator=g) + 0.5
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model.eval()
 
 
 def mlp():
