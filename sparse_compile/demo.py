@@ -21,12 +21,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .benchmark import cpu_model
+from .benchmark import cpu_model, random_layer
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["run_demo", "time_forms", "vit_mlp_layer"]
+__all__ = ["run_demo", "time_forms"]
 
 METHODS = ("dense", "rigl", "srigl")
 LABELS = {"dense": "dense", "rigl": "RigL", "srigl": "SRigL", "static": "static"}
@@ -34,21 +34,6 @@ LABELS = {"dense": "dense", "rigl": "RigL", "srigl": "SRigL", "static": "static"
 
 def _header(log, i: int, text: str) -> None:
     log(f"\n[{i}/4] {text}")
-
-
-def vit_mlp_layer(sparsity: float = 0.9, seed: int = 0, out_features: int = 768, in_features: int = 3072):
-    """A ViT-B/16 MLP output projection (``768 x 3072``) with a random constant fan-in mask.
-
-    Returns ``(weight, mask, bias)``; weights are N(0, 2/k) on the mask (the sparse init), 0 elsewhere.
-    """
-    from .sparsity import random_constant_fan_in_mask
-
-    g = torch.Generator().manual_seed(seed)
-    k = max(1, round((1.0 - sparsity) * in_features))
-    mask = random_constant_fan_in_mask((out_features, in_features), k, generator=g)
-    weight = torch.randn(out_features, in_features, generator=g) * (2.0 / k) ** 0.5 * mask
-    bias = torch.randn(out_features, generator=g) * 0.01
-    return weight, mask, bias
 
 
 def time_forms(fns: dict, rounds: int = 15, min_seconds: float = 0.02) -> dict:
@@ -164,7 +149,8 @@ def _inspect_and_optimize(model, test_set, log) -> dict:
 def _time_vit_layer(sparsity: float, rounds: int, log) -> dict:
     from . import formats, kernels
 
-    weight, mask, bias = vit_mlp_layer(sparsity)
+    layer = random_layer(768, 3072, sparsity, ablated_fraction=0.0, name="vit_b_16 mlp fc2")
+    weight, mask, bias = layer.weight, layer.mask, layer.bias
     cond = formats.to_condensed(weight, mask, bias=bias)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")

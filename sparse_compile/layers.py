@@ -83,7 +83,23 @@ class StructuredConv2d(nn.Conv2d):
         self.bias = None if bias is None else _param(bias, requires_grad)
 
 
-class CondensedLinear(nn.Module):
+class _CondensedWeights(nn.Module):
+    """Storage shared by the condensed layers: ``values`` (a parameter, trainable on request),
+    ``indices`` (a buffer, so it moves with ``.to()`` and is saved) and an optional ``bias``."""
+
+    def __init__(self, values: Tensor, indices: Tensor, bias: Optional[Tensor], requires_grad: bool):
+        super().__init__()
+        self.values = _param(values, requires_grad)
+        self.register_buffer("indices", indices.detach().clone().contiguous())
+        self.bias = None if bias is None else _param(bias, requires_grad)
+
+    @property
+    def k(self) -> int:
+        """Fan-in of every active neuron / output channel."""
+        return int(self.values.shape[1])
+
+
+class CondensedLinear(_CondensedWeights):
     """``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]`` for the ``n`` active neurons.
 
     ``values`` and ``bias`` are parameters (the op has gradients for both), ``indices`` a buffer.
@@ -91,17 +107,9 @@ class CondensedLinear(nn.Module):
 
     def __init__(self, values: Tensor, indices: Tensor, bias: Optional[Tensor], in_features: int,
                  requires_grad: bool = False):
-        super().__init__()
+        super().__init__(values, indices, bias, requires_grad)
         self.in_features = int(in_features)
         self.out_features = int(values.shape[0])
-        self.values = _param(values, requires_grad)
-        self.register_buffer("indices", indices.detach().clone().contiguous())
-        self.bias = None if bias is None else _param(bias, requires_grad)
-
-    @property
-    def k(self) -> int:
-        """Fan-in of every neuron."""
-        return int(self.values.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.condensed_linear(x, self.values, self.indices, self.bias)
@@ -111,7 +119,7 @@ class CondensedLinear(nn.Module):
                 f"index_dtype={self.indices.dtype}, bias={self.bias is not None}")
 
 
-class CondensedConv2d(nn.Module):
+class CondensedConv2d(_CondensedWeights):
     """Conv2d (groups=1) over the ``n`` active output channels with a condensed weight.
 
     ``values`` / ``indices [n, k]`` index the fan-in ``in_channels*kh*kw`` in
@@ -120,21 +128,13 @@ class CondensedConv2d(nn.Module):
 
     def __init__(self, values: Tensor, indices: Tensor, bias: Optional[Tensor], in_channels: int,
                  kernel_size, stride=1, padding=0, dilation=1, requires_grad: bool = False):
-        super().__init__()
+        super().__init__(values, indices, bias, requires_grad)
         self.in_channels = int(in_channels)
         self.out_channels = int(values.shape[0])
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride)
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
-        self.values = _param(values, requires_grad)
-        self.register_buffer("indices", indices.detach().clone().contiguous())
-        self.bias = None if bias is None else _param(bias, requires_grad)
-
-    @property
-    def k(self) -> int:
-        """Fan-in of every output channel."""
-        return int(self.values.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.condensed_conv2d(
