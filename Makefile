@@ -4,7 +4,11 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+# The oldest versions we support (what the GPU machines run): a second environment, not in CI.
+OLD_VENV := .venv-oldest
+OLD_PINS := torch==2.11.0 triton==3.6.0 torchvision==0.26.0 'numpy<2.4'
+
+.PHONY: demo test test-oldest bench install clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -22,8 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
+test-oldest:
+	test -x $(OLD_VENV)/bin/python || $(PY) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install --upgrade pip 'setuptools>=70.1' wheel
+	$(OLD_VENV)/bin/python -m pip install $(OLD_PINS) -e '.[test]'
+	$(OLD_VENV)/bin/python -m pytest -q
+
 bench: $(STAMP)
 	$(VPY) -m bench.quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out
+	rm -rf $(VENV) $(OLD_VENV) build *.egg-info demo-out

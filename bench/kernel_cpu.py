@@ -10,8 +10,9 @@ medians of blocked runs):
 * op       ``torch.ops.sparse_compile.condensed_linear`` (the registered op, as a compiled graph
   without autograd would call it in eager mode),
 
-and prints the ratios dense/condensed and csr/condensed. Then a 3x3 conv (ResNet-50 stage 1, 90%)
-against dense F.conv2d, and the per-call overhead of each dispatch layer on a tiny layer.
+and prints the ratios dense/condensed and csr/condensed. Then ResNet-50's 3x3 convs at 90% (one per
+stage; stage 1 only with --quick) against dense F.conv2d, and the per-call overhead of each
+dispatch layer on a tiny layer.
 
     .venv/bin/python bench/kernel_cpu.py                # full table (~2 min on 2 cores)
     .venv/bin/python bench/kernel_cpu.py --quick        # 90% only, batch 1 and 8
@@ -91,28 +92,35 @@ def bench_layer(threads, sparsities, batches, min_run_time):
     return rows
 
 
-def bench_conv(threads, min_run_time):
-    """ResNet-50 stage-1 3x3 conv (64 -> 64, 56x56, pad 1) at 90%: dense F.conv2d vs condensed."""
+#: ResNet-50's 3x3 convs, one per stage: (channels, image side), stride 1, padding 1.
+CONV_STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
+
+
+def bench_conv(threads, stages, min_run_time):
+    """ResNet-50 3x3 convs (c -> c, pad 1) at 90%: dense F.conv2d vs condensed, batch 1 and 8."""
     rows = []
-    c, o, hw, ks = 64, 64, 56, 3
-    fan_in = c * ks * ks
-    k = round(0.1 * fan_in)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.rand(o, fan_in, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int16)
-    values = torch.randn(o, k, generator=g) / k**0.5
-    w = dense_weight(values, idx, fan_in).reshape(o, c, ks, ks)
-    for nt in threads:
-        torch.set_num_threads(nt)
-        for b in (1, 8):
-            x = torch.randn(b, c, hw, hw)
-            env = dict(F=F, x=x, w=w, values=values, idx=idx, condensed_conv2d=condensed_conv2d)
-            y = condensed_conv2d(x, values, idx, None, ks, 1, 1, 1)
-            ref = F.conv2d(x.double(), w.double(), None, 1, 1)
-            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-            d = median_us("F.conv2d(x, w, None, 1, 1)", env, min_run_time)
-            cc = median_us("condensed_conv2d(x, values, idx, None, 3, 1, 1, 1)", env, min_run_time)
-            rows.append(dict(threads=nt, batch=b, dense_us=d, condensed_us=cc, x_dense=d / cc, rel_err=err))
-            print(f"{nt:>3} {b:>5} {d:>9.1f} {cc:>10.1f} {d / cc:>8.2f}x {err:>9.1e}", flush=True)
+    for c, hw in stages:
+        ks = 3
+        fan_in = c * ks * ks
+        k = round(0.1 * fan_in)
+        g = torch.Generator().manual_seed(0)
+        idx = torch.rand(c, fan_in, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int16)
+        values = torch.randn(c, k, generator=g) / k**0.5
+        w = dense_weight(values, idx, fan_in).reshape(c, c, ks, ks)
+        for nt in threads:
+            torch.set_num_threads(nt)
+            for b in (1, 8):
+                x = torch.randn(b, c, hw, hw)
+                env = dict(F=F, x=x, w=w, values=values, idx=idx, condensed_conv2d=condensed_conv2d)
+                y = condensed_conv2d(x, values, idx, None, ks, 1, 1, 1)
+                ref = F.conv2d(x.double(), w.double(), None, 1, 1)
+                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                d = median_us("F.conv2d(x, w, None, 1, 1)", env, min_run_time)
+                cc = median_us("condensed_conv2d(x, values, idx, None, 3, 1, 1, 1)", env, min_run_time)
+                rows.append(dict(channels=c, side=hw, k=k, threads=nt, batch=b, dense_us=d, condensed_us=cc,
+                                 x_dense=d / cc, rel_err=err))
+                print(f"{c:>4} {hw:>4} {k:>4} {nt:>3} {b:>5} {d:>9.1f} {cc:>10.1f} {d / cc:>8.2f}x {err:>9.1e}",
+                      flush=True)
     return rows
 
 
@@ -166,9 +174,10 @@ def main(argv=None) -> int:
     print(f"{'thr':>3} {'spars':>5} {'k':>5} {'batch':>5} {'dense':>9} {'csr':>9} {'condensed':>10} "
           f"{'op':>9} {'vs dense':>9} {'vs csr':>8} {'rel err':>9}")
     rows = bench_layer(a.threads, a.sparsity, a.batch, a.min_run_time)
-    print("conv 3x3 64->64 56x56 pad 1, 90% (k=58), fp32:")
-    print(f"{'thr':>3} {'batch':>5} {'dense':>9} {'condensed':>10} {'vs dense':>9} {'rel err':>9}")
-    conv_rows = bench_conv(a.threads, a.min_run_time)
+    print("ResNet-50 3x3 convs, c -> c channels, side x side image, pad 1, 90%, fp32:")
+    print(f"{'c':>4} {'side':>4} {'k':>4} {'thr':>3} {'batch':>5} {'dense':>9} {'condensed':>10} {'vs dense':>9} "
+          f"{'rel err':>9}")
+    conv_rows = bench_conv(a.threads, CONV_STAGES[:1] if a.quick else CONV_STAGES, a.min_run_time)
     print("dispatch overhead (tiny layer 8x16, k=2, batch 1, 1 thread):")
     overhead = bench_overhead(a.min_run_time)
     if a.json:

@@ -16,7 +16,7 @@ eager and, with ``--compile``, under ``torch.compile`` (same mode for both sides
 median time of one forward at batch 1; throughput is ``batch / median`` at the large batch.
 ``speedup`` = original median / this median, same run, same batch, same variant.
 
-CPU default (reduced; an estimated 15-30 minutes on 2 cores, not yet timed end to end): all three models, 90% sparsity,
+CPU default (reduced; about 15 minutes on 2 cores, 2026-11-27, the ViT rows alone 6 minutes): all three models, 90% sparsity,
 batch 1 and 8, fp32, eager only (``--compile max-autotune`` compiles each model and mode, several
 minutes each on CPU). GPU default: batch 1 and 256, fp32, eager and max-autotune.
 Writes ``bench/out/model-<device>-<date>.json`` / ``.csv``.

@@ -2,7 +2,7 @@
 
     python -m bench.model_vit                                  # CPU, batch 1, torch.compile default mode
     python -m bench.model_vit --compile max-autotune           # the issue's setting (compiles for minutes on CPU)
-    python -m bench.model_vit --device cuda --batch 256 --dtype bf16
+    python -m bench.model_vit --device cuda --batch 1 256 --dtype fp32 bf16 --budget-s 300
 
 The model is torchvision's ViT-B/16 (random weights, no download) at 224x224. Its MLP fc1/fc2 and
 attention out-projection layers get constant fan-in masks at ``--sparsity`` (uniform over those
@@ -131,33 +131,16 @@ def profile(fn, x, runs: int) -> dict:
             "top_ops_ms": [(k, round(t, 3)) for k, t in rows[:12]]}
 
 
-def main(argv=None) -> int:
-    """Build, optimize, compile, check, time, profile; print and write the results."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--ablated-fraction", type=float, default=0.05)
-    p.add_argument("--mode", default="auto", help="optimize mode (auto, condensed, structured, ...)")
-    p.add_argument("--compile", default="default", choices=("none", "default", "max-autotune"))
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--autotune-repeats", type=int, default=5)
-    p.add_argument("--profile", action="store_true", help="also report where the time goes")
-    p.add_argument("--out", default="bench/out")
-    args = p.parse_args(argv)
-
+def run_one(args, batch: int, dtype_name: str, argv) -> dict:
+    """Build, optimize, compile, check, time (and profile) one batch size and dtype; print a summary."""
     from sparse_compile import optimize
     from sparse_compile.compiler import relative_error
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     dev = torch.device(args.device)
     t0 = time.time()
     model = sparse_vit(args.sparsity, args.ablated_fraction).to(dev, dtype)
-    x = torch.randn(args.batch, 3, 224, 224, device=dev, dtype=dtype)
+    x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dtype)
     opt = optimize(model, (x,), mode=args.mode, repeats=args.autotune_repeats)
     print(opt.sparse_compile_report, flush=True)
     print(f"optimize: {time.time() - t0:.1f}s", flush=True)
@@ -182,10 +165,11 @@ def main(argv=None) -> int:
         "machine": {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
                     or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "args": vars(args), "rel_err": err, "timings": res, "speedup": speedup,
-        "forms": opt.sparse_compile_report.forms(),
+        "args": vars(args), "batch": batch, "dtype": dtype_name, "rel_err": err,
+        "rel_err_dense_compiled": err_dense_compiled, "compile_s": compile_s, "timings": res,
+        "speedup": speedup, "forms": opt.sparse_compile_report.forms(),
     }
-    print(f"\nViT-B/16 batch {args.batch} {args.dtype} on {result['machine']['device']} "
+    print(f"\nViT-B/16 batch {batch} {dtype_name} on {result['machine']['device']} "
           f"({torch.get_num_threads()} threads), compile={args.compile}:")
     for k, v in res.items():
         print(f"  {k:10s} median {v['median_ms']:9.2f} ms  (q25 {v['q25_ms']:.2f}, q75 {v['q75_ms']:.2f})")
@@ -201,12 +185,57 @@ def main(argv=None) -> int:
                   f"{prof['optimized']['categories_ms'].get(c, 0):10.2f}")
         print(f"  {'total':38s} {prof['dense']['total_ms']:9.2f} {prof['optimized']['total_ms']:10.2f}")
         print("  top ops, optimized:", prof["optimized"]["top_ops_ms"][:6])
+    return result
+
+
+def main(argv=None) -> int:
+    """Run every (batch, dtype) pair asked for, print one summary table, write the results."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--ablated-fraction", type=float, default=0.05)
+    p.add_argument("--mode", default="auto", help="optimize mode (auto, condensed, structured, ...)")
+    p.add_argument("--compile", default="default", choices=("none", "default", "max-autotune"))
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--autotune-repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also report where the time goes")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new (batch, dtype) run after this many seconds (for a time-boxed GPU session)")
+    p.add_argument("--out", default="bench/out")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    results, skipped = [], []
+    for dtype_name in args.dtype:
+        for batch in args.batch:
+            if args.budget_s is not None and time.time() - start > args.budget_s:
+                skipped.append(f"batch {batch} {dtype_name}")
+                continue
+            try:
+                results.append(run_one(args, batch, dtype_name, argv))
+            except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
+                skipped.append(f"batch {batch} {dtype_name}: {type(e).__name__}: {e}")
+                print(f"FAILED batch {batch} {dtype_name}: {type(e).__name__}: {e}", flush=True)
+    print(f"\nsummary (compile={args.compile}, medians, same-run ratios):")
+    print(f"  {'dtype':5s} {'batch':>5s} {'dense ms':>10s} {'optimized ms':>13s} {'speedup':>8s} {'rel err':>9s}")
+    for r in results:
+        t = r["timings"]
+        print(f"  {r['dtype']:5s} {r['batch']:5d} {t['dense']['median_ms']:10.2f} "
+              f"{t['optimized']['median_ms']:13.2f} {r['speedup']:7.2f}x {r['rel_err']:9.1e}")
+    for s_ in skipped:
+        print(f"  not run: {s_}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"model_vit-{dev.type}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+    dev_type = torch.device(args.device).type
+    path = out / f"model_vit-{dev_type}-{dt.date.today().isoformat()}.json"
+    payload = results[0] if len(results) == 1 else {"runs": results, "not_run": skipped}
+    path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path}")
-    return 0
+    return 0 if results and not any(":" in s_ for s_ in skipped) else 1
 
 
 if __name__ == "__main__":

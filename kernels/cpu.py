@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -76,8 +77,11 @@ def load() -> bool:
             isa, flags = _flags()
             _state["flags"] = flags
             t0 = time.perf_counter()
+            # The torch version is in the name so that two environments sharing the extension
+            # cache (~/.cache/torch_extensions) never load a library built against other headers.
+            tv = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
             _cpp_load(
-                name=f"sparse_compile_condensed_cpu_{isa}",
+                name=f"sparse_compile_condensed_cpu_{isa}_torch{tv}",
                 sources=[_SRC],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],

@@ -33,6 +33,8 @@ import copy
 import fnmatch
 import functools
 import json
+import statistics
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Optional, Union
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from . import formats, tracing
-from .autotune import DecisionCache, time_call, timing_key
+from .autotune import DecisionCache, _sync, time_call, timing_key
 from .layers import (
     CondensedConv2d,
     CondensedLinear,
@@ -91,6 +93,10 @@ class OptimizeConfig:
     verify_rtol:     end-to-end check on ``example_inputs``; a larger error raises (default by dtype:
                      1e-4 fp32, 5e-2 bf16/fp16, 1e-8 fp64). None in ``verify`` disables it.
     structural:      drop ablated neurons and propagate the removal (False: keep full width).
+    whole_model_check: in "auto", time the result against the original model on the example
+                     inputs; if it is slower, try again without structural changes, and keep the
+                     original layers when nothing beats them (per-layer timings cannot see what a
+                     layer's narrower output costs the next layer, or a scatter's memory traffic).
     leaf_modules:    extra module types FX must not trace into.
     requires_grad:   whether the new parameters require grad (for fine-tuning the optimized model).
     """
@@ -109,6 +115,7 @@ class OptimizeConfig:
     verify: bool = True
     verify_rtol: Optional[float] = None
     structural: bool = True
+    whole_model_check: bool = True
     leaf_modules: tuple = ()
     requires_grad: bool = False
     version: int = CONFIG_VERSION
@@ -467,8 +474,10 @@ class OptimizeReport(list):
     """Per-layer :class:`LayerReport` list, plus where the full width was restored and why."""
 
     def __init__(self, layers=(), *, mode="auto", restores=(), notes=(), verify_rel_err=None,
-                 traced=True, cache=None):
+                 traced=True, cache=None, whole_model=None):
         super().__init__(layers)
+        #: "auto"'s whole-model check: {"median_ms": {candidate: ms}, "chosen": candidate}, or None.
+        self.whole_model = whole_model
         self.mode = mode
         self.restores = list(restores)
         self.notes = list(notes)
@@ -499,6 +508,7 @@ class OptimizeReport(list):
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "cache": self.cache,
+            "whole_model": self.whole_model,
             "notes": self.notes,
             "restores": [dict(r) for r in self.restores],
             "layers": [{**asdict(r), "shape": list(r.shape)} for r in self],
@@ -513,7 +523,8 @@ class OptimizeReport(list):
         """Inverse of :meth:`to_dict`."""
         layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in d.get("layers", [])]
         return cls(layers, mode=d.get("mode"), restores=d.get("restores", []), notes=d.get("notes", []),
-                   verify_rel_err=d.get("verify_rel_err"), traced=d.get("traced", True), cache=d.get("cache"))
+                   verify_rel_err=d.get("verify_rel_err"), traced=d.get("traced", True), cache=d.get("cache"),
+                   whole_model=d.get("whole_model"))
 
     def __str__(self) -> str:
         head = ("layer", "kind", "shape", "sparsity", "fan-in", "active", "inputs", "form", "output",
@@ -676,8 +687,93 @@ def optimize(
         )
     dev = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
     work = copy.deepcopy(model).eval().to(dev)
-    dtype = _model_dtype(work)
     inputs = None if example_inputs is None else tuple(_to_device(x, dev) for x in example_inputs)
+    check = uses_auto and cfg.whole_model_check and inputs is not None
+    original = copy.deepcopy(work) if check else None  # the build below rewrites `work`'s modules
+    gm = _build(work, cfg, inputs, dev, uses_auto)
+    if check:
+        gm = _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto)
+    return gm
+
+
+#: Seconds of whole-model timing per candidate pair in the "auto" check (at least 3 repeats each).
+WHOLE_MODEL_BUDGET_S = 3.0
+
+
+def _time_models(models: dict, inputs: tuple, dev, repeats: int, budget_s: float) -> dict:
+    """Median seconds of one forward of each model, calls interleaved so machine noise hits all alike."""
+    with torch.no_grad():
+        one = {}
+        for k, m in models.items():
+            m(*inputs)  # warm-up (first-call allocations, lazy kernel loads)
+            _sync(dev)
+            t0 = time.perf_counter()
+            m(*inputs)
+            _sync(dev)
+            one[k] = time.perf_counter() - t0
+        n = int(max(3, min(repeats, budget_s / max(sum(one.values()), 1e-9))))
+        times = {k: [] for k in models}
+        for _ in range(n):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(*inputs)
+                _sync(dev)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
+    """"auto"'s last step: keep ``gm`` only if it beats the original on the example inputs."""
+    report = gm.sparse_compile_report
+    t = _time_models({"optimized": gm, "original": original}, inputs, dev, cfg.repeats, WHOLE_MODEL_BUDGET_S)
+    cands = {"optimized": (gm, t["optimized"])}
+    if t["optimized"] > t["original"] and cfg.structural and report.traced:
+        flat_cfg = copy.copy(cfg)
+        flat_cfg.structural = False
+        flat = _quiet_build(model, flat_cfg, inputs, dev, uses_auto)
+        t2 = _time_models({"flat": flat, "original": original}, inputs, dev, cfg.repeats, WHOLE_MODEL_BUDGET_S)
+        # Scale the second pair to the first pair's original: the two runs may see different load.
+        cands["without structural changes"] = (flat, t2["flat"] * t["original"] / t2["original"])
+    fastest = min(cands, key=lambda k: cands[k][1])
+    if cands[fastest][1] < t["original"]:
+        best = fastest
+        out = cands[best][0]
+    else:
+        best = "original layers"
+        dense_cfg = copy.copy(cfg)
+        dense_cfg.mode = "dense"
+        out = _quiet_build(model, dense_cfg, inputs, dev, False)
+        first = {r.name: r for r in report}
+        for r in out.sparse_compile_report:
+            r0 = first.get(r.name)
+            r.reason = "auto kept the original layer: the whole model ran faster that way (see notes)"
+            if r0 is not None:
+                r.times_us = r0.times_us
+                r.reason += f"; per layer: {r0.form}, {r0.reason}"
+        out.sparse_compile_report.mode = cfg.mode
+        out.sparse_compile_report.cache = report.cache
+        out.sparse_compile_config = cfg.to_dict()
+    ms = {k: round(v[1] * 1e3, 3) for k, v in cands.items()}
+    ms["original"] = round(t["original"] * 1e3, 3)
+    rep = out.sparse_compile_report
+    rep.whole_model = {"median_ms": ms, "chosen": best}
+    rep.notes.append(
+        "whole model on the example inputs (median ms): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + f"; kept: {best}"
+    )
+    return out
+
+
+def _quiet_build(model, cfg, inputs, dev, uses_auto):
+    """Another build of ``model`` for the whole-model check; the first build already warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _build(copy.deepcopy(model).eval().to(dev), cfg, inputs, dev, uses_auto)
+
+
+def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool) -> nn.Module:
+    """Trace ``work`` (an eval-mode copy on ``dev``), rewrite its layers, verify; the GraphModule."""
+    dtype = _model_dtype(work)
 
     reference = None
     if inputs is not None and cfg.verify:
@@ -692,10 +788,10 @@ def optimize(
     except Exception as e:  # FX raises many types (TraceError, TypeError, AttributeError...)
         traced = False
         gm = work
-        msg = (f"sparse_compile.optimize: FX cannot trace {type(model).__name__} "
+        msg = (f"sparse_compile.optimize: FX cannot trace {type(work).__name__} "
                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); swapping modules in "
                "place instead (ablated neurons are not propagated across layers)")
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
         notes.append(msg)
 
     if traced and inputs is not None:
@@ -944,7 +1040,7 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
         warnings.warn(
             f"sparse_compile.optimize: {len(unconverted)} sparse layer(s) not converted to the requested form "
             f"(see the report for why): {', '.join(unconverted[:8])}{' ...' if len(unconverted) > 8 else ''}",
-            stacklevel=3,
+            stacklevel=4,
         )
     for s in slots:
         if s not in auto:

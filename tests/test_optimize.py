@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import sparse_compile
+from sparse_compile import compiler
 from sparse_compile import layers as L
 from sparse_compile.compiler import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
 from sparse_models import srigl_init
@@ -175,7 +176,8 @@ def test_padded_conv_with_nonzero_constant_keeps_full_width():
 
 
 def test_report_is_printable_and_json(sparse_mlp):
-    opt = optimize(sparse_mlp, (torch.randn(1, 64),), mode="auto", repeats=2, warmup=0)
+    # The per-layer choice only: the whole-model check may keep this tiny model's original layers.
+    opt = optimize(sparse_mlp, (torch.randn(1, 64),), mode="auto", repeats=2, warmup=0, whole_model_check=False)
     rep = opt.sparse_compile_report
     text = str(rep)
     for name in ("0", "2", "5", "7"):
@@ -434,3 +436,65 @@ def test_inplace_op_on_a_shared_reduced_tensor():
         model.fc1.bias[[3, 9]] = torch.tensor([0.7, -0.4])
     model.fc1.register_buffer("weight_mask", mask)
     check(model, torch.randn(4, 32), "structured", min_numel=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# "auto"'s whole-model check (timings stubbed: the decision, not the machine, is under test)
+# ----------------------------------------------------------------------------------------------
+def _stub_times(monkeypatch, *answers):
+    """Make the check's timer return ``answers`` in turn (ms per candidate name)."""
+    calls = []
+
+    def fake(models, inputs, dev, repeats, budget_s):
+        ans = answers[len(calls)]
+        calls.append(sorted(models))
+        assert set(models) == set(ans), (sorted(models), ans)
+        return {k: v / 1e3 for k, v in ans.items()}
+
+    monkeypatch.setattr(compiler, "_time_models", fake)
+    return calls
+
+
+def test_whole_model_check_keeps_a_faster_result(sparse_mlp, monkeypatch):
+    calls = _stub_times(monkeypatch, {"optimized": 1.0, "original": 2.0})
+    x = torch.randn(3, 64)
+    opt = check(sparse_mlp, x, "auto")
+    rep = opt.sparse_compile_report
+    assert len(calls) == 1  # faster at once: no second build
+    assert rep.whole_model == {"median_ms": {"optimized": 1.0, "original": 2.0}, "chosen": "optimized"}
+    assert set(forms(opt).values()) != {"dense"}
+    assert json.loads(rep.to_json())["whole_model"]["chosen"] == "optimized"
+
+
+def test_whole_model_check_drops_structural_changes_when_they_cost(sparse_mlp, monkeypatch):
+    calls = _stub_times(monkeypatch, {"optimized": 3.0, "original": 2.0}, {"flat": 1.0, "original": 2.0})
+    x = torch.randn(3, 64)
+    opt = check(sparse_mlp, x, "auto")
+    rep = opt.sparse_compile_report
+    assert len(calls) == 2
+    assert rep.whole_model["chosen"] == "without structural changes"
+    assert all(r.output != "reduced" and r.inputs_kept.split("/")[0] == r.inputs_kept.split("/")[1] for r in rep)
+    assert any("kept: without structural changes" in n for n in rep.notes)
+
+
+def test_whole_model_check_falls_back_to_the_original_layers(sparse_mlp, monkeypatch):
+    _stub_times(monkeypatch, {"optimized": 3.0, "original": 2.0}, {"flat": 2.5, "original": 2.0})
+    x = torch.randn(3, 64)
+    opt = check(sparse_mlp, x, "auto")
+    rep = opt.sparse_compile_report
+    assert rep.whole_model["chosen"] == "original layers"
+    assert set(forms(opt).values()) == {"dense"}
+    assert rep.mode == "auto" and rep.cache["misses"] + rep.cache["hits"] > 0
+    big = [r for r in rep if r.name == "2"][0]
+    assert big.times_us and "whole model ran faster" in big.reason  # the per-layer timings stay reported
+    # the second pair is rescaled to the first pair's original: 2.5 * 2.0 / 2.0
+    assert rep.whole_model["median_ms"] == {"optimized": 3.0, "without structural changes": 2.5, "original": 2.0}
+
+
+def test_whole_model_check_off_keeps_per_layer_choices(sparse_mlp, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("whole-model timing ran although whole_model_check=False")
+
+    monkeypatch.setattr(compiler, "_time_models", boom)
+    opt = check(sparse_mlp, torch.randn(3, 64), "auto", whole_model_check=False)
+    assert opt.sparse_compile_report.whole_model is None

@@ -21,9 +21,7 @@
 
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
@@ -271,9 +269,9 @@ void fm_all(const float* xT, int64_t ld, int64_t ncols, bool padded, int64_t col
     }
 #else
     (void)padded;
-    (void)col_block;
-    (void)block_stride;
-    scalar_fm_range<float>(xT, ld, ncols, vals, idx, k, i0, i1, bias, out, os_n, os_l);
+    for (int64_t l0 = 0; l0 < ncols; l0 += col_block)
+      scalar_fm_range<float>(xT + (l0 / col_block) * block_stride, ld, std::min(col_block, ncols - l0),
+                             vals, idx, k, i0, i1, bias, out + l0 * os_l, os_n, os_l);
 #endif
   });
 }
@@ -441,7 +439,7 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values,
 // oh * Wq + ow. Over the virtual output grid m = oh * Wq + ow (ow < Wq, the columns ow >= Wo
 // computed and dropped) every fan-in entry is a contiguous run of the buffer: the linear kernel
 // with offsets[i, j] in place of indices[i, j] * ld. Costs one pass over the input instead of
-// im2col's kh*kw-fold copy.
+// im2col's kh*kw-fold copy; the planes are written straight from x, padding included.
 template <typename F>
 void dispatch_v(const at::Tensor& values, F&& f) {
   switch (values.scalar_type()) {
@@ -451,6 +449,43 @@ void dispatch_v(const at::Tensor& values, F&& f) {
     case at::kDouble: f(values.data_ptr<double>()); break;
     default: TORCH_CHECK(false, "condensed op: unsupported values dtype ", values.scalar_type());
   }
+}
+
+// Stride-phase planes of the zero-padded image, written in one pass (no padded copy first):
+// buf[((pr * sw + pc) * C + c) * Hq * Wq + hq * Wq + wq] = xpad[c, hq * sh + pr, wq * sw + pc],
+// 0 outside the image. x is [C, H, W] contiguous.
+template <typename T>
+void fill_phase_planes(const T* x, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw,
+                       int64_t sh, int64_t sw, int64_t Hq, int64_t Wq, T* buf) {
+  const int64_t plane = Hq * Wq;
+  at::parallel_for(0, sh * sw * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, plane)),
+                   [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pr = t / (sw * C), pc = t / C % sw, c = t % C;
+      T* dst = buf + t * plane;
+      const T* src = x + c * H * W;
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        T* row = dst + hq * Wq;
+        const int64_t h = hq * sh + pr - ph;
+        if (h < 0 || h >= H) {
+          std::fill(row, row + Wq, T(0));
+          continue;
+        }
+        const T* srow = src + h * W;
+        if (sw == 1) {  // pc == 0: left padding, the row, right padding
+          const int64_t lead = std::min(pw, Wq), body = std::max<int64_t>(0, std::min(W, Wq - lead));
+          std::fill(row, row + lead, T(0));
+          std::memcpy(row + lead, srow, body * sizeof(T));
+          std::fill(row + lead + body, row + Wq, T(0));
+        } else {
+          for (int64_t wq = 0; wq < Wq; ++wq) {
+            const int64_t w = wq * sw + pc - pw;
+            row[wq] = (w >= 0 && w < W) ? srow[w] : T(0);
+          }
+        }
+      }
+    }
+  });
 }
 
 at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
@@ -476,22 +511,30 @@ at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
   if (N == 0 || n == 0) return at::empty({N, n, Ho, Wo}, x.options());
 
   const int64_t Hq = (Hp + sh - 1) / sh, Wq = (Wp + sw - 1) / sw, plane = Hq * Wq;
-  const int64_t ncols = Ho * Wq;                 // virtual output grid, row stride Wq
   const int64_t slack = Wq + 64;                 // over-reads past the last plane stay in bounds
   const int64_t img = sh * sw * C * plane + slack;
   TORCH_CHECK(img < (int64_t{1} << 31), "condensed_conv2d: image too large for 32-bit offsets");
 
-  // offsets[i, j] of fan-in entry idx = (c * kh + r) * kw + s.
-  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  // offsets[i, j]: a table over the fan-in (C*kh*kw entries, so no per-entry division), gathered
+  // by the indices (validated < fan_in when the condensed form was built).
+  std::vector<int32_t> tab(fan_in);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = 0; r < kh; ++r)
+      for (int64_t sx = 0; sx < kw; ++sx) {
+        const int64_t a = r * dh, b = sx * dw;
+        tab[(c * kh + r) * kw + sx] = static_cast<int32_t>(((a % sh) * sw + b % sw) * C * plane +
+                                                           c * plane + (a / sh) * Wq + b / sw);
+      }
   at::Tensor off = at::empty({n, k}, indices.options().dtype(at::kInt));
   {
-    const int64_t* ip = idx.data_ptr<int64_t>();
     int32_t* op = off.data_ptr<int32_t>();
-    for (int64_t e = 0; e < n * k; ++e) {
-      const int64_t c = ip[e] / (kh * kw), r = ip[e] / kw % kh, sx = ip[e] % kw;
-      const int64_t a = r * dh, b = sx * dw;
-      op[e] = static_cast<int32_t>(((a % sh) * sw + b % sw) * C * plane + c * plane +
-                                   (a / sh) * Wq + b / sw);
+    const at::Tensor idx = indices.contiguous();
+    if (idx.scalar_type() == at::kShort) {
+      const int16_t* ip = idx.data_ptr<int16_t>();
+      for (int64_t e = 0; e < n * k; ++e) op[e] = tab[static_cast<uint16_t>(ip[e])];
+    } else {
+      const int32_t* ip = idx.data_ptr<int32_t>();
+      for (int64_t e = 0; e < n * k; ++e) op[e] = tab[ip[e]];
     }
   }
   const at::Tensor vals = values.contiguous();
@@ -500,35 +543,40 @@ at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
   const auto acc_t = dbl ? at::kDouble : at::kFloat;
   const at::Tensor ba = has_bias ? bias->to(acc_t).contiguous() : at::Tensor();
   at::Tensor out = at::empty({N, n, Ho, Wo}, x.options().dtype(acc_t));
-  // Written straight into `out` when the virtual grid has no dropped columns.
+  // The kernel runs over the virtual grid m = oh * Wq + ow: long column blocks, at the price of
+  // computing the columns ow >= Wo and copying the rest out. (Blocks of one output row each,
+  // stored straight into `out`, were tried: at 56x56 they split each row into 32 + 16 + 8
+  // columns, and the extra passes over the fan-in cost what the copy saved.)
   const bool direct = Wq == Wo;
+  const int64_t ncols = Ho * Wq;
   at::Tensor tmp = direct ? at::Tensor() : at::empty({n, ncols}, out.options());
-  at::Tensor buf = at::zeros({img}, out.options());
-  at::Tensor planes = buf.narrow(0, 0, img - slack).view({sh, sw, C, Hq, Wq});
+  at::Tensor buf = at::empty({img}, out.options());
 
   for (int64_t g = 0; g < N; ++g) {
-    const at::Tensor xp = at::constant_pad_nd(x[g].to(acc_t), {pw, pw, ph, ph});  // [C, Hp, Wp]
-    for (int64_t pr = 0; pr < sh; ++pr)
-      for (int64_t pc = 0; pc < sw; ++pc) {
-        const at::Tensor src = xp.slice(1, pr, Hp, sh).slice(2, pc, Wp, sw);
-        planes[pr][pc].narrow(1, 0, src.size(1)).narrow(2, 0, src.size(2)).copy_(src);
-      }
+    const at::Tensor xg = x[g].to(acc_t).contiguous();  // [C, H, W]; a no-op for fp32 NCHW input
     at::Tensor dst = direct ? out[g].view({n, ncols}) : tmp;
-    dispatch_v(vals, [&](auto* vp) {
-      using V = std::remove_pointer_t<decltype(vp)>;
-      const int32_t* offp = off.data_ptr<int32_t>();
-      if constexpr (std::is_same_v<V, double>) {
-        const double* bp = has_bias ? ba.data_ptr<double>() : nullptr;
-        at::parallel_for(0, n, grain_for(k * ncols), [&](int64_t i0, int64_t i1) {
-          scalar_fm_range<double>(buf.data_ptr<double>(), 1, ncols, vp, offp, k, i0, i1, bp,
-                                  dst.data_ptr<double>(), ncols, 1);
-        });
-      } else {
-        const float* bp = has_bias ? ba.data_ptr<float>() : nullptr;
-        fm_all(buf.data_ptr<float>(), 1, ncols, /*padded=*/true, ncols, 0, vp, offp, n, k, bp,
-               dst.data_ptr<float>(), ncols, 1);
-      }
-    });
+    auto run = [&](auto* bufp, const auto* xp) {
+      using T = std::remove_pointer_t<decltype(bufp)>;
+      fill_phase_planes(xp, C, H, W, ph, pw, sh, sw, Hq, Wq, bufp);
+      std::fill(bufp + img - slack, bufp + img, T(0));
+      dispatch_v(vals, [&](auto* vp) {
+        using V = std::remove_pointer_t<decltype(vp)>;
+        const int32_t* offp = off.data_ptr<int32_t>();
+        if constexpr (std::is_same_v<V, double> && std::is_same_v<T, double>) {
+          const double* bp = has_bias ? ba.data_ptr<double>() : nullptr;
+          at::parallel_for(0, n, grain_for(k * ncols), [&](int64_t i0, int64_t i1) {
+            scalar_fm_range<double>(bufp, 1, ncols, vp, offp, k, i0, i1, bp, dst.data_ptr<double>(),
+                                    ncols, 1);
+          });
+        } else if constexpr (!std::is_same_v<V, double> && std::is_same_v<T, float>) {
+          const float* bp = has_bias ? ba.data_ptr<float>() : nullptr;
+          fm_all(bufp, 1, ncols, /*padded=*/true, ncols, 0, vp, offp, n, k, bp,
+                 dst.data_ptr<float>(), ncols, 1);
+        }
+      });
+    };
+    if (dbl) run(buf.data_ptr<double>(), xg.data_ptr<double>());
+    else run(buf.data_ptr<float>(), xg.data_ptr<float>());
     if (!direct) out[g].copy_(tmp.view({n, Ho, Wq}).narrow(2, 0, Wo));
   }
   if (x.scalar_type() != acc_t) out = out.to(x.scalar_type());

@@ -25,6 +25,9 @@ def register(sub) -> None:
                    help="extra builder argument (VALUE parsed as JSON when possible), repeatable")
     p.add_argument("--repeats", type=int, default=15, help="timing repeats per form in 'auto' (default: 15)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the autotune cache")
+    p.add_argument("--no-whole-model-check", action="store_true",
+                   help="in 'auto', keep the per-layer choices even if the whole model would run faster "
+                        "with its original layers")
     p.add_argument("-o", "--output", default=None, help="output file (default: CHECKPOINT stem + '.sc.safetensors')")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.set_defaults(func=run)
@@ -103,7 +106,8 @@ def run(args) -> int:
     model = build_model(args.model, state, args.num_classes, **kw)
     shape = input_shape(args.model, **kw)
     x = torch.randn(args.batch_size, *shape, device=args.device)
-    opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache)
+    opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache,
+                   whole_model_check=not args.no_whole_model_check)
     rep = opt.sparse_compile_report
     ckpt = Path(args.checkpoint)
     out = Path(args.output) if args.output else ckpt.parent / f"{ckpt.stem}.sc.safetensors"

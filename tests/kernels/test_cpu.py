@@ -1,7 +1,7 @@
 """The C++ CPU kernels: correctness against a float64 reference on random shapes, and that they run.
 
 The kernels have several paths (GEMV for 1-3 rows with masked row tails, feature-major blocks of
-8/16/32 columns with masked column tails, fp64 loops, conv through im2col); the shapes below are
+8/16/32 columns with masked column tails, fp64 loops, conv over stride-phase planes); the shapes below are
 drawn to reach each of them, including n * k boundaries where a row tail must not over-read.
 """
 import shutil
@@ -236,3 +236,48 @@ def test_conv_channels_last_and_wide_padding(stride, padding, dilation):
                                (padding,) * 2, (dilation,) * 2)
     assert y.shape == ref.shape
     assert _rel_err(y, ref) < 1e-5
+
+
+_GENERIC_SCRIPT = r"""
+import torch, torch.nn.functional as F
+from sparse_compile.kernels import condensed_conv2d, condensed_linear, cpu
+from sparse_compile.kernels.reference import condensed_linear_ref
+assert cpu.load(), cpu.build_info()["error"]
+assert "-mavx2" not in cpu.build_info()["flags"], cpu.build_info()["flags"]
+torch.manual_seed(0)
+worst = 0.0
+for batch in (1, 2, 8, 40):
+    n, fan_in, k = 37, 150, 15
+    idx = torch.rand(n, fan_in).argsort(1)[:, :k].sort(1).values.to(torch.int16)
+    v, x, b = torch.randn(n, k), torch.randn(batch, fan_in), torch.randn(n)
+    ref = condensed_linear_ref(x.double(), v.double(), idx, b.double())
+    worst = max(worst, ((condensed_linear(x, v, idx, b).double() - ref).abs().max() / ref.abs().max()).item())
+for stride, padding, dilation in ((1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)):
+    cin, cout, k = 5, 9, 12
+    idx = torch.rand(cout, cin * 9).argsort(1)[:, :k].sort(1).values.to(torch.int32)
+    v, x = torch.randn(cout, k), torch.randn(2, cin, 19, 23)
+    w = torch.zeros(cout, cin * 9).scatter(1, idx.long(), v).view(cout, cin, 3, 3)
+    ref = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
+    y = condensed_conv2d(x, v, idx, None, 3, stride, padding, dilation)
+    worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+print(f"generic OK {worst:.2e}")
+"""
+
+
+@pytest.mark.slow
+def test_portable_kernels_without_avx2():
+    """The portable build (what a CPU without AVX2, e.g. ARM, compiles) is correct too.
+
+    Runs in a subprocess: SPARSE_COMPILE_CPU_ISA=generic makes that process build and load the
+    portable library in place of the AVX2 one.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPARSE_COMPILE_CPU_ISA="generic")
+    r = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = float(r.stdout.split("generic OK")[1])
+    assert worst < 1e-5, r.stdout
