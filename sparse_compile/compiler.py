@@ -93,10 +93,11 @@ class OptimizeConfig:
     verify_rtol:     end-to-end check on ``example_inputs``; a larger error raises (default by dtype:
                      1e-4 fp32, 5e-2 bf16/fp16, 1e-8 fp64). None in ``verify`` disables it.
     structural:      drop ablated neurons and propagate the removal (False: keep full width).
-    whole_model_check: in "auto", time the result against the original model on the example
-                     inputs; if it is slower, try again without structural changes, and keep the
-                     original layers when nothing beats them (per-layer timings cannot see what a
-                     layer's narrower output costs the next layer, or a scatter's memory traffic).
+    whole_model_check: in "auto", time whole models on the example inputs: the per-layer result,
+                     every sparse layer condensed, the original (and, if nothing beats it, the
+                     per-layer choice without structural changes); keep the fastest (per-layer
+                     timings cannot see what a layer's narrower output costs the next layer, or a
+                     scatter's memory traffic).
     leaf_modules:    extra module types FX must not trace into.
     requires_grad:   whether the new parameters require grad (for fine-tuning the optimized model).
     """
@@ -723,11 +724,26 @@ def _time_models(models: dict, inputs: tuple, dev, repeats: int, budget_s: float
 
 
 def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
-    """"auto"'s last step: keep ``gm`` only if it beats the original on the example inputs."""
+    """"auto"'s last step: time whole models on the example inputs and keep the fastest.
+
+    Candidates: the per-layer result; every sparse layer condensed (per-layer timings miss effects
+    between layers, e.g. channel counts and memory layouts, that can favour one form throughout);
+    if neither beats the original, the per-layer choice without structural changes; and the original
+    layers, kept when nothing beats them.
+    """
     report = gm.sparse_compile_report
-    t = _time_models({"optimized": gm, "original": original}, inputs, dev, cfg.repeats, WHOLE_MODEL_BUDGET_S)
-    cands = {"optimized": (gm, t["optimized"])}
-    if t["optimized"] > t["original"] and cfg.structural and report.traced:
+    models = {"optimized": gm, "original": original}
+    if (cfg.mode == "auto" and "condensed" in cfg.auto_forms
+            and any(r.form != "condensed" and r.sparsity > 0 for r in report)):
+        c_cfg = copy.copy(cfg)
+        c_cfg.mode, c_cfg.pad_condensed = "condensed", True
+        try:
+            models["condensed everywhere"] = _quiet_build(model, c_cfg, inputs, dev, False)
+        except Exception:  # noqa: BLE001 - a layer the condensed form cannot take: no such candidate
+            pass
+    t = _time_models(models, inputs, dev, cfg.repeats, WHOLE_MODEL_BUDGET_S)
+    cands = {k: (m, t[k]) for k, m in models.items() if k != "original"}
+    if min(v[1] for v in cands.values()) > t["original"] and cfg.structural and report.traced:
         flat_cfg = copy.copy(cfg)
         flat_cfg.structural = False
         flat = _quiet_build(model, flat_cfg, inputs, dev, uses_auto)
@@ -738,21 +754,14 @@ def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
     if cands[fastest][1] < t["original"]:
         best = fastest
         out = cands[best][0]
+        if best == "condensed everywhere":
+            _adopt(out, report, cfg, "auto condensed every sparse layer: the whole model ran fastest that way")
     else:
         best = "original layers"
         dense_cfg = copy.copy(cfg)
         dense_cfg.mode = "dense"
         out = _quiet_build(model, dense_cfg, inputs, dev, False)
-        first = {r.name: r for r in report}
-        for r in out.sparse_compile_report:
-            r0 = first.get(r.name)
-            r.reason = "auto kept the original layer: the whole model ran faster that way (see notes)"
-            if r0 is not None:
-                r.times_us = r0.times_us
-                r.reason += f"; per layer: {r0.form}, {r0.reason}"
-        out.sparse_compile_report.mode = cfg.mode
-        out.sparse_compile_report.cache = report.cache
-        out.sparse_compile_config = cfg.to_dict()
+        _adopt(out, report, cfg, "auto kept the original layer: the whole model ran faster that way")
     ms = {k: round(v[1] * 1e3, 3) for k, v in cands.items()}
     ms["original"] = round(t["original"] * 1e3, 3)
     rep = out.sparse_compile_report
@@ -762,6 +771,20 @@ def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
         + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + f"; kept: {best}"
     )
     return out
+
+
+def _adopt(out, report, cfg, why: str) -> None:
+    """Make a whole-model candidate's report an "auto" report that keeps the per-layer timings."""
+    first = {r.name: r for r in report}
+    for r in out.sparse_compile_report:
+        r0 = first.get(r.name)
+        r.reason = f"{why} (see notes)"
+        if r0 is not None:
+            r.times_us = r0.times_us
+            r.reason += f"; per layer: {r0.form}, {r0.reason}"
+    out.sparse_compile_report.mode = cfg.mode
+    out.sparse_compile_report.cache = report.cache
+    out.sparse_compile_config = cfg.to_dict()
 
 
 def _quiet_build(model, cfg, inputs, dev, uses_auto):
