@@ -93,11 +93,11 @@ class OptimizeConfig:
     verify_rtol:     end-to-end check on ``example_inputs``; a larger error raises (default by dtype:
                      1e-4 fp32, 5e-2 bf16/fp16, 1e-8 fp64). None in ``verify`` disables it.
     structural:      drop ablated neurons and propagate the removal (False: keep full width).
-    whole_model_check: in "auto", time whole models on the example inputs: the per-layer result,
-                     every sparse layer condensed, the original (and, if nothing beats it, the
-                     per-layer choice without structural changes); keep the fastest (per-layer
-                     timings cannot see what a layer's narrower output costs the next layer, or a
-                     scatter's memory traffic).
+    whole_model_check: in mode "auto" (not in a dict of patterns), time whole models on the
+                     example inputs: the per-layer result, every sparse layer condensed, the
+                     original (and, if nothing beats it, the per-layer choice without structural
+                     changes); keep the fastest (per-layer timings cannot see what a layer's
+                     narrower output costs the next layer, or a scatter's memory traffic).
     leaf_modules:    extra module types FX must not trace into.
     requires_grad:   whether the new parameters require grad (for fine-tuning the optimized model).
     """
@@ -417,8 +417,10 @@ register_form(FormHandler("condensed", _condensed_unavailable, _build_condensed,
 def _csr_supported(device: str, dtype: torch.dtype) -> bool:
     """Whether torch has a CSR @ dense matmul for this device and dtype (CPU lacks bf16 / fp16)."""
     try:
-        w = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
-        torch.mm(w, torch.ones(2, 1, dtype=dtype, device=device))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            w = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
+            torch.mm(w, torch.ones(2, 1, dtype=dtype, device=device))
         return True
     except (RuntimeError, NotImplementedError):
         return False
@@ -689,7 +691,9 @@ def optimize(
     dev = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
     work = copy.deepcopy(model).eval().to(dev)
     inputs = None if example_inputs is None else tuple(_to_device(x, dev) for x in example_inputs)
-    check = uses_auto and cfg.whole_model_check and inputs is not None
+    # Only for mode "auto" itself: a dict of patterns pins some layers, and "the original layers"
+    # would override those choices.
+    check = cfg.mode == "auto" and cfg.whole_model_check and inputs is not None
     original = copy.deepcopy(work) if check else None  # the build below rewrites `work`'s modules
     gm = _build(work, cfg, inputs, dev, uses_auto)
     if check:
@@ -733,8 +737,7 @@ def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
     """
     report = gm.sparse_compile_report
     models = {"optimized": gm, "original": original}
-    if (cfg.mode == "auto" and "condensed" in cfg.auto_forms
-            and any(r.form != "condensed" and r.sparsity > 0 for r in report)):
+    if "condensed" in cfg.auto_forms and any(r.form != "condensed" and r.sparsity > 0 for r in report):
         c_cfg = copy.copy(cfg)
         c_cfg.mode, c_cfg.pad_condensed = "condensed", True
         try:

@@ -514,3 +514,19 @@ def test_whole_model_check_off_keeps_per_layer_choices(sparse_mlp, monkeypatch):
     monkeypatch.setattr(compiler, "_time_models", boom)
     opt = check(sparse_mlp, torch.randn(3, 64), "auto", whole_model_check=False)
     assert opt.sparse_compile_report.whole_model is None
+
+
+def test_whole_model_check_leaves_pattern_modes_alone(sparse_mlp, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("whole-model timing ran for a dict mode")
+
+    monkeypatch.setattr(compiler, "_time_models", boom)
+    opt = check(sparse_mlp, torch.randn(3, 64), {"0": "condensed", "*": "auto"})
+    assert forms(opt)["0"] == "condensed" and opt.sparse_compile_report.whole_model is None
+
+
+def test_auto_on_a_clean_model_warns_nothing(sparse_mlp):
+    compiler._csr_supported.cache_clear()  # its probe (torch's CSR "beta" warning) runs once per process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimize(sparse_mlp, (torch.randn(2, 64),), mode="auto", repeats=1, warmup=0)
