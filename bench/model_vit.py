@@ -70,23 +70,11 @@ def compiled(model, mode: str):
     return torch.compile(model, mode=None if mode == "default" else mode, fullgraph=False)
 
 
-def sync(device):
-    """Wait for the device (a no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def interleaved_medians(fns: dict, x, repeats: int, device) -> dict:
-    """Median seconds of one call of each function, calls interleaved round-robin."""
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for k, f in fns.items():
-                sync(device)
-                t0 = time.perf_counter()
-                f(x)
-                sync(device)
-                times[k].append(time.perf_counter() - t0)
+    """Median (and quartiles) of one call of each function on ``x``, calls interleaved round-robin."""
+    from sparse_compile.autotune import interleaved_times
+
+    times = interleaved_times({k: (lambda f=f: f(x)) for k, f in fns.items()}, device, repeats)
     return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3,
                 "q25_ms": statistics.quantiles(v, n=4)[0] * 1e3 if len(v) > 1 else v[0] * 1e3,
                 "q75_ms": statistics.quantiles(v, n=4)[2] * 1e3 if len(v) > 1 else v[0] * 1e3}

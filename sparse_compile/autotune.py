@@ -158,6 +158,36 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def interleaved_times(fns: dict, device="cpu", repeats: int = 15, budget_s: Optional[float] = None) -> dict:
+    """Seconds of each call of each zero-argument function in ``fns``: name -> list of ``repeats``.
+
+    Calls go round-robin (a, b, a, b, ...) so that machine noise hits every function alike, which
+    is what makes their ratio trustworthy on a shared machine. Each function is called once first
+    (warm-up). With ``budget_s``, ``repeats`` is cut so the timed rounds take about that long (at
+    least 3 rounds).
+    """
+    with torch.inference_mode():
+        one = 0.0
+        for f in fns.values():
+            f()
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            one += time.perf_counter() - t0
+        if budget_s is not None:
+            repeats = int(max(3, min(repeats, budget_s / max(one, 1e-9))))
+        times = {k: [] for k in fns}
+        for _ in range(max(1, repeats)):
+            for k, f in fns.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                f()
+                _sync(device)
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def time_call(fn: Callable[[], object], device="cpu", repeats: int = 15, warmup: int = 2,
               min_seconds: float = 2e-4) -> float:
     """Median seconds per call of ``fn`` over ``repeats`` timed runs.

@@ -34,7 +34,6 @@ import fnmatch
 import functools
 import json
 import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Optional, Union
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from . import formats, tracing
-from .autotune import DecisionCache, _sync, time_call, timing_key
+from .autotune import DecisionCache, interleaved_times, time_call, timing_key
 from .layers import (
     CondensedConv2d,
     CondensedLinear,
@@ -706,25 +705,9 @@ WHOLE_MODEL_BUDGET_S = 3.0
 
 
 def _time_models(models: dict, inputs: tuple, dev, repeats: int, budget_s: float) -> dict:
-    """Median seconds of one forward of each model, calls interleaved so machine noise hits all alike."""
-    with torch.no_grad():
-        one = {}
-        for k, m in models.items():
-            m(*inputs)  # warm-up (first-call allocations, lazy kernel loads)
-            _sync(dev)
-            t0 = time.perf_counter()
-            m(*inputs)
-            _sync(dev)
-            one[k] = time.perf_counter() - t0
-        n = int(max(3, min(repeats, budget_s / max(sum(one.values()), 1e-9))))
-        times = {k: [] for k in models}
-        for _ in range(n):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                m(*inputs)
-                _sync(dev)
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of one forward of each model on ``inputs`` (calls interleaved)."""
+    fns = {k: (lambda m=m: m(*inputs)) for k, m in models.items()}
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, dev, repeats, budget_s).items()}
 
 
 def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):

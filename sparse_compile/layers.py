@@ -413,23 +413,18 @@ class ExplicitMultiheadAttention(nn.Module):
 
     def _merged_mask(self, attn_mask, key_padding_mask, B, L, S, dtype) -> Optional[Tensor]:
         """One additive float mask broadcastable to ``[B, H, L, S]`` (bool True = not allowed)."""
+        def additive(m: Tensor) -> Tensor:
+            if m.dtype == torch.bool:
+                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+            return m.to(dtype)
+
         mask = None
         if attn_mask is not None:
-            m = attn_mask
-            if m.dtype == torch.bool:
-                m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
-            else:
-                m = m.to(dtype)
-            if m.dim() == 3:  # [B*H, L, S]
-                m = m.reshape(B, self.num_heads, L, S)
-            mask = m
+            mask = additive(attn_mask)
+            if mask.dim() == 3:  # [B*H, L, S]
+                mask = mask.reshape(B, self.num_heads, L, S)
         if key_padding_mask is not None:
-            kp = key_padding_mask
-            if kp.dtype == torch.bool:
-                kp = torch.zeros(kp.shape, dtype=dtype, device=kp.device).masked_fill(kp, float("-inf"))
-            else:
-                kp = kp.to(dtype)
-            kp = kp.reshape(B, 1, 1, S)
+            kp = additive(key_padding_mask).reshape(B, 1, 1, S)
             mask = kp if mask is None else mask + kp
         return mask
 

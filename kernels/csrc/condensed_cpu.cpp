@@ -354,18 +354,22 @@ void linear_f32(const at::Tensor& x2, const V* vals, const I* idx, int64_t n, in
 }
 
 template <typename F>
-void dispatch_vi(const at::Tensor& values, const at::Tensor& indices, F&& f) {
-  auto with_idx = [&](auto* vp) {
-    if (indices.scalar_type() == at::kShort) f(vp, indices.data_ptr<int16_t>());
-    else f(vp, indices.data_ptr<int32_t>());
-  };
+void dispatch_v(const at::Tensor& values, F&& f) {
   switch (values.scalar_type()) {
-    case at::kFloat: with_idx(values.data_ptr<float>()); break;
-    case at::kHalf: with_idx(values.data_ptr<c10::Half>()); break;
-    case at::kBFloat16: with_idx(values.data_ptr<c10::BFloat16>()); break;
-    case at::kDouble: with_idx(values.data_ptr<double>()); break;
+    case at::kFloat: f(values.data_ptr<float>()); break;
+    case at::kHalf: f(values.data_ptr<c10::Half>()); break;
+    case at::kBFloat16: f(values.data_ptr<c10::BFloat16>()); break;
+    case at::kDouble: f(values.data_ptr<double>()); break;
     default: TORCH_CHECK(false, "condensed op: unsupported values dtype ", values.scalar_type());
   }
+}
+
+template <typename F>
+void dispatch_vi(const at::Tensor& values, const at::Tensor& indices, F&& f) {
+  dispatch_v(values, [&](auto* vp) {
+    if (indices.scalar_type() == at::kShort) f(vp, indices.data_ptr<int16_t>());
+    else f(vp, indices.data_ptr<int32_t>());
+  });
 }
 
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
@@ -440,16 +444,6 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values,
 // computed and dropped) every fan-in entry is a contiguous run of the buffer: the linear kernel
 // with offsets[i, j] in place of indices[i, j] * ld. Costs one pass over the input instead of
 // im2col's kh*kw-fold copy; the planes are written straight from x, padding included.
-template <typename F>
-void dispatch_v(const at::Tensor& values, F&& f) {
-  switch (values.scalar_type()) {
-    case at::kFloat: f(values.data_ptr<float>()); break;
-    case at::kHalf: f(values.data_ptr<c10::Half>()); break;
-    case at::kBFloat16: f(values.data_ptr<c10::BFloat16>()); break;
-    case at::kDouble: f(values.data_ptr<double>()); break;
-    default: TORCH_CHECK(false, "condensed op: unsupported values dtype ", values.scalar_type());
-  }
-}
 
 // Stride-phase planes of the zero-padded image, written in one pass (no padded copy first):
 // buf[((pr * sw + pc) * C + c) * Hq * Wq + hq * Wq + wq] = xpad[c, hq * sh + pr, wq * sw + pc],
