@@ -29,7 +29,7 @@ NAMES = {"dense": "Dense", "static": "StaticSparse", "rigl": "RigL", "srigl": "S
 def load():
     """(x_train, y_train, x_test, y_test) tensors of the digits, pixels scaled to [0, 1]."""
     try:
-        from sparse_compile.data import load_digits
+        from sparse_compile.train.data import load_digits
 
         tr, te = load_digits(seed=0)
         return tr.tensors[0], tr.tensors[1], te.tensors[0], te.tensors[1]

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from sparse_compile.benchmark import (
+from sparse_compile.benchmark.layer import (
     machine_info,
     num_threads,
     relative_error,
@@ -49,7 +49,7 @@ def sparsify(model: torch.nn.Module, name: str, sparsity: float, ablated_fractio
     Returns the number of sparse layers. Output layers are never ablated.
     """
     from sparse_compile import StaticSparse
-    from sparse_compile.sparsity import random_constant_fan_in_mask, sparse_init_
+    from sparse_compile.train.budgets import random_constant_fan_in_mask, sparse_init_
 
     torch.manual_seed(seed)
     dist = "uniform" if name.startswith("vit") else "erk"

@@ -5,7 +5,7 @@
 
 Every model is built from torchvision where it has the network (ResNet-18/-50, ViT-B/16,
 MobileNet-V3), with the paper's changes (Appendix D): CIFAR stems, no dropout. The rest is here
-(Wide ResNet-22-2, the LeNet-300-100 style MLP). All trace with ``sparse_compile.tracing.trace``.
+(Wide ResNet-22-2, the LeNet-300-100 style MLP). All trace with ``sparse_compile.fx.trace``.
 
 Adding a family: a small module with a builder decorated by :func:`register_model`, imported below.
 """

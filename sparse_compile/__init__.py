@@ -12,32 +12,33 @@ __version__ = "0.1.0"
 
 from . import formats  # noqa: E402  (the foundation every other module reads weights through)
 from . import kernels  # noqa: E402,F401  (registers torch.ops.sparse_compile.*)
-from .inspection import inspect  # noqa: E402
+from .analysis.inspect import inspect  # noqa: E402
 
 # Public names served lazily so that `import sparse_compile` stays cheap and the heavier parts
 # (FX passes, trainer, theory) load only when used.
-_LAZY = {
-    "SRigL": "sparse_compile.trainer",
-    "RigL": "sparse_compile.trainer",
-    "StaticSparse": "sparse_compile.trainer",
-    "optimize": "sparse_compile.compiler",
-    "OptimizeConfig": "sparse_compile.compiler",
-    "save": "sparse_compile.serialize",
-    "load": "sparse_compile.serialize",
-    "flops": "sparse_compile.flop_count",
-    "theory": "sparse_compile.theory",
-    "models": "sparse_compile.models",
+_LAZY = {  # public name -> (module, attribute; None serves the module itself)
+    "SRigL": ("sparse_compile.train.trainer", "SRigL"),
+    "RigL": ("sparse_compile.train.trainer", "RigL"),
+    "StaticSparse": ("sparse_compile.train.trainer", "StaticSparse"),
+    "optimize": ("sparse_compile.compiler.api", "optimize"),
+    "OptimizeConfig": ("sparse_compile.compiler.api", "OptimizeConfig"),
+    "register_form": ("sparse_compile.compiler.api", "register_form"),
+    "save": ("sparse_compile.compiler.serialize", "save"),
+    "load": ("sparse_compile.compiler.serialize", "load"),
+    "flops": ("sparse_compile.analysis.flops", "flops"),
+    "theory": ("sparse_compile.analysis.theory", None),
+    "models": ("sparse_compile.models", None),
 }
 
 __all__ = ["__version__", "formats", "kernels", "inspect", *_LAZY]
 
 
 def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
+    spec = _LAZY.get(name)
+    if spec is None:
         raise AttributeError(f"module 'sparse_compile' has no attribute {name!r}")
-    m = importlib.import_module(mod)
-    value = m if m.__name__.rsplit(".", 1)[-1] == name else getattr(m, name)
+    m = importlib.import_module(spec[0])
+    value = m if spec[1] is None else getattr(m, spec[1])
     globals()[name] = value
     return value
 

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .benchmark import cpu_model, random_layer
+from .benchmark.layer import cpu_model, random_layer
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ def _setup_kernels(log) -> dict:
 
 def _train_digits(epochs: Optional[int], sparsity: float, seed: int, progress: bool, log) -> dict:
     from .commands.train import train
-    from .data import load_digits
+    from .train.data import load_digits
     from .models.recipes import get_recipe
 
     datasets = load_digits(seed=0)
@@ -105,8 +105,8 @@ def _train_digits(epochs: Optional[int], sparsity: float, seed: int, progress: b
 
 
 def _inspect_and_optimize(model, test_set, log) -> dict:
-    from .inspection import inspect
-    from .compiler import optimize
+    from .analysis.inspect import inspect
+    from .compiler.api import optimize
 
     table = inspect(model)
     log(str(table))

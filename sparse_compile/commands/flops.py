@@ -41,11 +41,11 @@ def sparse_layers(model):
 
 def apply_random_masks(model, sparsity: float, distribution: str = "erk", dense_first: bool = False, seed: int = 0):
     """Register random constant fan-in ``weight_mask`` buffers on every Linear/Conv2d of ``model``,
-    with per-layer densities from :func:`sparse_compile.sparsity.layer_densities` (the trainer's own
+    with per-layer densities from :func:`sparse_compile.train.budgets.layer_densities` (the trainer's own
     budgets). Returns ``(densities, achieved global sparsity)``."""
     import torch
 
-    from ..sparsity import achieved_sparsity, constant_fan_in, fan_in_dense, layer_densities, random_constant_fan_in_mask
+    from ..train.budgets import achieved_sparsity, constant_fan_in, fan_in_dense, layer_densities, random_constant_fan_in_mask
 
     layers = sparse_layers(model)
     shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
@@ -86,7 +86,7 @@ def _load_checkpoint(model, path) -> float:
 
 def run(args) -> int:
     """Print the FLOPs table (and per-layer tables on request)."""
-    from ..flop_count import flops, training_flops
+    from ..analysis.flops import flops, training_flops
     from ..models import create_model, input_shape
 
     if args.batch_size < 1:

@@ -33,7 +33,7 @@ def load_target(target: str):
 
 def run(args) -> int:
     """Print the inspect table (or JSON)."""
-    from ..inspection import inspect
+    from ..analysis.inspect import inspect
 
     rep = inspect(load_target(args.target))
     print(json.dumps(rep.to_dict(), indent=2) if args.json else rep)

@@ -94,8 +94,8 @@ def run(args) -> int:
 
     from ..checkpoint import load_state_dict
     from ..models import input_shape
-    from ..compiler import MODES, optimize
-    from ..serialize import save
+    from ..compiler.api import MODES, optimize
+    from ..compiler.serialize import save
 
     if args.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")

@@ -1,5 +1,5 @@
 """``sparse-compile theory --plot out.png [--json out.json]``: output-norm variance against k/n
-(the paper's Fig. 1b): closed forms of :mod:`sparse_compile.theory` as curves, the Monte Carlo
+(the paper's Fig. 1b): closed forms of :mod:`sparse_compile.analysis.theory` as curves, the Monte Carlo
 simulation of the layer as points with error bars."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def plot(curves: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..theory import output_norm_variance
+    from ..analysis.theory import output_norm_variance
 
     n = curves["n"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -71,7 +71,7 @@ def plot(curves: dict, path) -> None:
 
 def run(args) -> int:
     """Compute the curves, print a table, write the plot and/or JSON."""
-    from ..theory import KINDS, printed_output_norm_variance, variance_curves
+    from ..analysis.theory import KINDS, printed_output_norm_variance, variance_curves
 
     if args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")

@@ -234,8 +234,8 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
     from tqdm.auto import tqdm
 
-    from sparse_compile.data import batch_transform, build_datasets
-    from sparse_compile.inspection import inspect
+    from sparse_compile.train.data import batch_transform, build_datasets
+    from sparse_compile.analysis.inspect import inspect
 
     rank, world, local_rank = _dist()
     dev = _resolve_device(device, local_rank, world)

@@ -5,8 +5,8 @@ import torch
 from safetensors import safe_open
 
 from sparse_compile.checkpoint import example_path, load_state_dict
-from sparse_compile.data import load_digits
-from sparse_compile.inspection import inspect
+from sparse_compile.train.data import load_digits
+from sparse_compile.analysis.inspect import inspect
 from sparse_compile.models import create_model
 
 

@@ -1,6 +1,6 @@
 """Layer-wise sparsity distributions, integer fan-in budgets and sparse initialisation.
 
-These are pure functions of weight shapes, shared by the trainer (``sparse_compile.trainer``) and
+These are pure functions of weight shapes, shared by the trainer (``sparse_compile.train.trainer``) and
 by anything that needs the budgets without training (FLOP tables, theory).
 
 A weight of shape ``[out, in/groups, *kernel]`` has ``out`` neurons and a dense fan-in of

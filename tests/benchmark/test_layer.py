@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_compile import benchmark as B
+from sparse_compile.benchmark import layer as B
 from sparse_compile.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_FORMS = ("dense", "ablated_dense", "structured", "condensed", "csr")
 
 

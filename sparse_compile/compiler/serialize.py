@@ -30,9 +30,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import __version__
-from .formats import Condensed
-from .layers import (
+from .. import __version__
+from ..formats import Condensed
+from .modules import (
     CondensedConv2d,
     CondensedLinear,
     ConstantScatter,
@@ -544,7 +544,7 @@ def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check
         _validate_module(name or "<root>", m)
     model.train(bool(spec.get("training", False)))
     if spec.get("report") is not None:
-        from .compiler import OptimizeReport
+        from .api import OptimizeReport
 
         model.sparse_compile_report = OptimizeReport.from_dict(spec["report"])
     if spec.get("config") is not None:

@@ -18,7 +18,7 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from .tracing import SPARSE_TYPES, output_feeding_modules, trace
+from ..fx import SPARSE_TYPES, output_feeding_modules, trace
 
 __all__ = ["Target", "Discovery", "discover", "unwrap", "QKV_NAMES"]
 

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
-from sparse_compile import backend as B
-from sparse_compile.compiler import relative_error
+from sparse_compile.compiler import backend as B
+from sparse_compile.compiler.api import relative_error
 from sparse_models import srigl_init
 
 RTOL = 1e-5
@@ -38,7 +38,7 @@ def test_entry_point_found_without_import():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["sparse_compile.backend", "sparse_compile_backend"]
+    assert out.stdout.split() == ["sparse_compile.compiler.backend", "sparse_compile_backend"]
 
 
 @pytest.mark.slow

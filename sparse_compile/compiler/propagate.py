@@ -15,7 +15,7 @@ follows each reduced tensor forward with explicit coupling rules (the way Torch-
   no padding, or constants that are exactly 0).
 
 Anything else (residual adds, concat, LayerNorm, reshapes into heads, the graph output, a consumer
-that is not rewritten) gets the full width back through a :class:`~sparse_compile.layers.ConstantScatter`
+that is not rewritten) gets the full width back through a :class:`~sparse_compile.compiler.modules.ConstantScatter`
 inserted before it, so the rewritten graph computes exactly what the original did.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import ConstantScatter
+from .modules import ConstantScatter
 
 __all__ = ["Reduced", "Restore", "PropagationResult", "propagate", "ELEMENTWISE_MODULES"]
 
@@ -405,7 +405,7 @@ def propagate(
     their :class:`Reduced` state. ``absorbs(node, state)`` is asked for every Linear/Conv2d node fed
     by a reduced tensor: None when it will drop those input columns (the caller then rebuilds it
     from ``result.absorbed[node.name]``), else the reason it cannot. Inserts
-    :class:`~sparse_compile.layers.ConstantScatter` modules (named ``sc_restore_<node>``) and
+    :class:`~sparse_compile.compiler.modules.ConstantScatter` modules (named ``sc_restore_<node>``) and
     replaces BatchNorm modules by sliced copies.
     """
     res = PropagationResult()

@@ -13,14 +13,14 @@ csr        a ``torch.sparse_csr`` weight over the active neurons
 The pass (FX):
 
 1. copy the model (the input model is never changed), put it in eval mode, trace it;
-2. replace ``nn.MultiheadAttention`` by :class:`~sparse_compile.layers.ExplicitMultiheadAttention`
+2. replace ``nn.MultiheadAttention`` by :class:`~sparse_compile.compiler.modules.ExplicitMultiheadAttention`
    so its out-projection is a real, rewritable layer;
 3. every non-dense layer with ablated neurons outputs only its active neurons; the removal is
-   propagated through its consumers by :mod:`sparse_compile.structured` (constants folded into the
+   propagated through its consumers by :mod:`sparse_compile.compiler.propagate` (constants folded into the
    next layer's bias, or restored by a constant-filled scatter where that is not exact); a layer
    whose removal no consumer can absorb keeps its full width instead;
 4. each layer gets its form: the mode's, or in ``"auto"`` the fastest exact one, measured on the
-   target device with the shapes of ``example_inputs`` (cached, see :mod:`sparse_compile.autotune`);
+   target device with the shapes of ``example_inputs`` (cached, see :mod:`sparse_compile.compiler.cache`);
 5. the result is checked against the original on ``example_inputs``.
 
 The returned ``GraphModule`` carries the report as ``opt.sparse_compile_report`` (printable table,
@@ -43,9 +43,10 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from . import formats, tracing
-from .autotune import DecisionCache, interleaved_times, time_call, timing_key
-from .layers import (
+from .. import formats
+from .. import fx as tracing
+from .cache import DecisionCache, interleaved_times, time_call, timing_key
+from .modules import (
     CondensedConv2d,
     CondensedLinear,
     ConstantScatter,
@@ -56,7 +57,7 @@ from .layers import (
     StructuredLinear,
     module_nbytes,
 )
-from .structured import Reduced, propagate
+from .propagate import Reduced, propagate
 
 __all__ = [
     "optimize",

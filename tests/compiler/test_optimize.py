@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 
 import sparse_compile
-from sparse_compile import compiler
-from sparse_compile import layers as L
-from sparse_compile.compiler import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
+from sparse_compile.compiler import api as compiler
+from sparse_compile.compiler import modules as L
+from sparse_compile.compiler.api import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
 from sparse_models import srigl_init
 
 MODES = ["dense", "structured", "condensed", "csr", "auto"]

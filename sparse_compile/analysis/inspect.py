@@ -8,7 +8,7 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
-from .formats import analyze, get_mask, index_dtype_for
+from ..formats import analyze, get_mask, index_dtype_for
 
 
 @dataclass

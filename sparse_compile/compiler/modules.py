@@ -15,7 +15,7 @@ which :class:`ConstantScatter` puts back where the full width is needed):
   needs this).
 
 All modules keep their state in parameters / buffers and plain attributes, which is what
-:mod:`sparse_compile.serialize` stores.
+:mod:`sparse_compile.compiler.serialize` stores.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from .. import kernels
 
 __all__ = [
     "StructuredLinear",

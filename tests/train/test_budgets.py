@@ -1,4 +1,4 @@
-"""Layer-wise sparsity distributions, integer fan-in budgets and sparse init (sparse_compile.sparsity)."""
+"""Layer-wise sparsity distributions, integer fan-in budgets and sparse init (sparse_compile.train.budgets)."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_compile.sparsity import (
+from sparse_compile.train.budgets import (
     achieved_sparsity,
     constant_fan_in,
     fan_in_dense,

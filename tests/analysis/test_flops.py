@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_compile.flop_count import FlopReport, flops, training_flops
+from sparse_compile.analysis.flops import FlopReport, flops, training_flops
 
 
 def set_mask(layer: nn.Module, fan_ins) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 
 __all__ = ["sparse_compile_backend", "modularize", "last_report"]
 
-#: The :class:`~sparse_compile.compiler.OptimizeReport` of the most recent graph this backend
+#: The :class:`~sparse_compile.compiler.api.OptimizeReport` of the most recent graph this backend
 #: compiled (Dynamo may compile several graphs per model: one per graph break).
 last_report = None
 
@@ -203,7 +203,7 @@ def sparse_compile_backend(gm: fx.GraphModule, example_inputs, mode: Optional[st
     ``torch.compile`` calls it as ``backend(gm, example_inputs, mode=..., options=...)`` (each only when
     given). See the module docstring for the options.
     """
-    from .compiler import OptimizeConfig, optimize
+    from .api import OptimizeConfig, optimize
 
     opts = dict(options or {})
     opt_mode = opts.pop("mode", "auto")

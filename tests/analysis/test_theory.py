@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from sparse_compile import theory
-from sparse_compile.theory import (
+from sparse_compile.analysis import theory
+from sparse_compile.analysis.theory import (
     KINDS,
     output_norm_variance,
     printed_output_norm_variance,
@@ -109,7 +109,7 @@ def test_bad_arguments_are_named(args, match):
 def test_lazy_export():
     import sparse_compile
 
-    assert sparse_compile.theory is theory
+    assert sparse_compile.analysis.theory is theory
 
 
 def test_cli_writes_plot_and_json(tmp_path):

@@ -419,7 +419,7 @@ def random_layer(out: int, inp: int, sparsity: float, ablated_fraction: float = 
     active ones, whose fan-in grows to ``floor(budget / n_active)`` (at most ``inp``). Live weights
     are ``N(0, 2/k)`` (sparse Kaiming init), bias ``N(0, 0.1^2)``.
     """
-    from sparse_compile.sparsity import constant_fan_in, sparse_init_
+    from sparse_compile.train.budgets import constant_fan_in, sparse_init_
 
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sparse_compile
-from sparse_compile.layers import CondensedLinear, ConstantScatter
-from sparse_compile.compiler import optimize
-from sparse_compile.serialize import META_KEY, load, save
+from sparse_compile.compiler.modules import CondensedLinear, ConstantScatter
+from sparse_compile.compiler.api import optimize
+from sparse_compile.compiler.serialize import META_KEY, load, save
 from sparse_models import srigl_init
 
 

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_compile import RigL, SRigL
-from sparse_compile.discovery import discover
+from sparse_compile.train.discovery import discover
 from sparse_compile.formats import analyze
-from sparse_compile.sparsity import constant_fan_in
+from sparse_compile.train.budgets import constant_fan_in
 
 
 def tiny_vit():

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .discovery import Discovery, Target, discover
-from .sparsity import (
+from .budgets import (
     DISTRIBUTIONS,
     fan_in_dense,
     layer_budgets,
@@ -235,7 +235,7 @@ class SparseTrainer:
 
     Args:
         model: the model (may be wrapped in DistributedDataParallel or torch.compile); its Linear and
-            Conv2d weights are found by FX tracing (see :func:`sparse_compile.discovery.discover`).
+            Conv2d weights are found by FX tracing (see :func:`sparse_compile.train.discovery.discover`).
         optimizer: the optimizer over the model's parameters (its state is reset for pruned/grown
             weights), or None.
         sparsity: target global sparsity over the sparse layers, in [0, 1).

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import analyze, get_mask
+from ..formats import analyze, get_mask
 
 __all__ = ["LayerFlops", "FlopReport", "flops", "TrainingFlops", "training_flops"]
 
@@ -155,7 +155,7 @@ _PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "flatten", "contiguous"}
 
 def _producers(model: nn.Module) -> tuple[dict, str]:
     """Map consumer module name -> producer module name (or None) from an FX trace of ``model``."""
-    from .tracing import SPARSE_TYPES, sparse_module_nodes, trace
+    from ..fx import SPARSE_TYPES, sparse_module_nodes, trace
 
     try:
         gm = trace(model)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_compile import data
+from sparse_compile.train import data
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():

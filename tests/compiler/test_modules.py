@@ -1,11 +1,11 @@
-"""The modules optimize installs (sparse_compile.layers) against their dense / torch equivalents."""
+"""The modules optimize installs (sparse_compile.compiler.modules) against their dense / torch equivalents."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparse_compile import formats
-from sparse_compile.layers import (
+from sparse_compile.compiler.modules import (
     CondensedConv2d,
     CondensedLinear,
     ConstantScatter,

@@ -11,7 +11,7 @@ from torch import nn
 import sparse_compile
 from sparse_compile import RigL, SRigL, StaticSparse
 from sparse_compile.formats import analyze, get_mask
-from sparse_compile.sparsity import achieved_sparsity, layer_densities
+from sparse_compile.train.budgets import achieved_sparsity, layer_densities
 
 
 class ConvNet(nn.Module):

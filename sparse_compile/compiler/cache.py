@@ -61,7 +61,7 @@ def device_name(device) -> str:
 
 def library_versions() -> dict:
     """Versions the timings depend on."""
-    from . import __version__
+    from .. import __version__
 
     try:
         import triton
@@ -69,7 +69,7 @@ def library_versions() -> dict:
         tv = triton.__version__
     except Exception:  # triton missing or broken: timings are still valid without it
         tv = None
-    from .kernels import cpu
+    from ..kernels import cpu
 
     return {"torch": torch.__version__, "triton": tv, "sparse_compile": __version__,
             "cpu_kernels": bool(cpu.is_loaded())}

@@ -11,7 +11,7 @@ import torch
 
 from sparse_compile.checkpoint import load_state_dict
 from sparse_compile.cli import main
-from sparse_compile.inspection import inspect
+from sparse_compile.analysis.inspect import inspect
 
 @pytest.fixture(autouse=True)
 def _one_thread():

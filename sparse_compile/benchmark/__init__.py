@@ -1,0 +1,1 @@
+"""The one-layer benchmark of every form (``sparse-compile bench layer``, ``bench/``)."""

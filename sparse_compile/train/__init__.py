@@ -1,0 +1,1 @@
+"""Sparse training: the trainer (SRigL, RigL, static), per-layer budgets, layer discovery, data."""
