@@ -5,12 +5,12 @@
     python -m bench.layer --device cuda                     # GPU: batches 1/256/2048, fp32 + bf16
     python -m bench.layer --checkpoint vit.safetensors --layer encoder.layers.11.mlp.3
 
-Same options as ``sparse-compile bench layer``; the logic is in :mod:`sparse_compile.benchmark.layer`.
+Same options as ``sparse-compile bench layer``; the logic is in :mod:`sparse_compile.benchmark`.
 Writes ``bench/out/layer-<device>-<date>.json`` and ``.csv``; plot with ``python -m bench.plot``.
 """
 import sys
 
-from sparse_compile.benchmark.layer import layer_main
+from sparse_compile.benchmark import layer_main
 
 if __name__ == "__main__":
     sys.exit(layer_main())

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from sparse_compile.benchmark.layer import (
+from sparse_compile.benchmark import (
     machine_info,
     num_threads,
     relative_error,

@@ -72,7 +72,7 @@ def compiled(model, mode: str):
 
 def interleaved_medians(fns: dict, x, repeats: int, device) -> dict:
     """Median (and quartiles) of one call of each function on ``x``, calls interleaved round-robin."""
-    from sparse_compile.compiler.cache import interleaved_times
+    from sparse_compile.timing import interleaved_times
 
     times = interleaved_times({k: (lambda f=f: f(x)) for k, f in fns.items()}, device, repeats)
     return {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3,
@@ -122,7 +122,7 @@ def profile(fn, x, runs: int) -> dict:
 def run_one(args, batch: int, dtype_name: str, argv) -> dict:
     """Build, optimize, compile, check, time (and profile) one batch size and dtype; print a summary."""
     from sparse_compile import optimize
-    from sparse_compile.compiler.api import relative_error
+    from sparse_compile.compiler import relative_error
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     dev = torch.device(args.device)

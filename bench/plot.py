@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sparse_compile.benchmark.layer import FORM_LABELS, FORMS, read_results
+from sparse_compile.benchmark import FORM_LABELS, FORMS, read_results
 
 _COLORS = {
     "dense": "#222222",

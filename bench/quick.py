@@ -18,7 +18,7 @@ import datetime as dt
 import sys
 import time
 
-from sparse_compile.benchmark.layer import (
+from sparse_compile.benchmark import (
     LayerBenchConfig,
     add_speedups,
     markdown_table,

@@ -20,7 +20,7 @@ def make_example(out: Path, seed: int = 0, epochs=None, progress: bool = True) -
     from safetensors.torch import save_file
 
     from sparse_compile.checkpoint import EXAMPLE
-    from sparse_compile.commands.train import train
+    from sparse_compile.train.loop import train
     from sparse_compile.models.recipes import get_recipe
 
     recipe = get_recipe("digits_mlp").replace(method="srigl", sparsity=0.9)

@@ -17,12 +17,12 @@ from .analysis.inspect import inspect  # noqa: E402
 # Public names served lazily so that `import sparse_compile` stays cheap and the heavier parts
 # (FX passes, trainer, theory) load only when used.
 _LAZY = {  # public name -> (module, attribute; None serves the module itself)
-    "SRigL": ("sparse_compile.train.trainer", "SRigL"),
-    "RigL": ("sparse_compile.train.trainer", "RigL"),
-    "StaticSparse": ("sparse_compile.train.trainer", "StaticSparse"),
-    "optimize": ("sparse_compile.compiler.api", "optimize"),
-    "OptimizeConfig": ("sparse_compile.compiler.api", "OptimizeConfig"),
-    "register_form": ("sparse_compile.compiler.api", "register_form"),
+    "SRigL": ("sparse_compile.train", "SRigL"),
+    "RigL": ("sparse_compile.train", "RigL"),
+    "StaticSparse": ("sparse_compile.train", "StaticSparse"),
+    "optimize": ("sparse_compile.compiler", "optimize"),
+    "OptimizeConfig": ("sparse_compile.compiler", "OptimizeConfig"),
+    "register_form": ("sparse_compile.compiler", "register_form"),
     "save": ("sparse_compile.compiler.serialize", "save"),
     "load": ("sparse_compile.compiler.serialize", "load"),
     "flops": ("sparse_compile.analysis.flops", "flops"),

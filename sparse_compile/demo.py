@@ -21,7 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .benchmark.layer import cpu_model, random_layer
+from .benchmark.weights import random_layer
+from .timing import cpu_model
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ def _setup_kernels(log) -> dict:
 
 
 def _train_digits(epochs: Optional[int], sparsity: float, seed: int, progress: bool, log) -> dict:
-    from .commands.train import train
+    from .train.loop import train
     from .train.data import load_digits
     from .models.recipes import get_recipe
 
@@ -106,7 +107,7 @@ def _train_digits(epochs: Optional[int], sparsity: float, seed: int, progress: b
 
 def _inspect_and_optimize(model, test_set, log) -> dict:
     from .analysis.inspect import inspect
-    from .compiler.api import optimize
+    from .compiler import optimize
 
     table = inspect(model)
     log(str(table))

@@ -3,7 +3,7 @@ trained SRigL model is (the conftest puts this folder on sys.path so test files 
 import torch
 from torch import nn
 
-from sparse_compile.train.trainer import SRigL
+from sparse_compile.train import SRigL
 
 
 def srigl_init(model, sparsity=0.9, ablate=0.1, seed=0):

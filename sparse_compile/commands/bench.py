@@ -1,14 +1,14 @@
 """``sparse-compile bench layer ...``: time one sparse layer in every form on this machine.
 
 The same benchmark as ``python -m bench.layer`` in the repository (both call
-:mod:`sparse_compile.benchmark.layer`); whole-model and plotting scripts live under ``bench/``.
+:mod:`sparse_compile.benchmark`); whole-model and plotting scripts live under ``bench/``.
 """
 from __future__ import annotations
 
 
 def register(sub) -> None:
     """Add the ``bench`` subcommand and its ``layer`` benchmark."""
-    from ..benchmark.layer import add_layer_arguments
+    from ..benchmark import add_layer_arguments
 
     p = sub.add_parser("bench", help="benchmarks: one sparse layer in every form (dense, condensed, CSR...)")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
@@ -26,6 +26,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     """Run the layer benchmark with the parsed options."""
-    from ..benchmark.layer import run_layer_args
+    from ..benchmark import run_layer_args
 
     return run_layer_args(args)

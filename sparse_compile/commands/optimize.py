@@ -94,7 +94,7 @@ def run(args) -> int:
 
     from ..checkpoint import load_state_dict
     from ..models import input_shape
-    from ..compiler.api import MODES, optimize
+    from ..compiler import MODES, optimize
     from ..compiler.serialize import save
 
     if args.mode not in MODES:

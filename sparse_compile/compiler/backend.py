@@ -37,7 +37,7 @@ from torch import nn
 
 __all__ = ["sparse_compile_backend", "modularize", "last_report"]
 
-#: The :class:`~sparse_compile.compiler.api.OptimizeReport` of the most recent graph this backend
+#: The :class:`~sparse_compile.compiler.report.OptimizeReport` of the most recent graph this backend
 #: compiled (Dynamo may compile several graphs per model: one per graph break).
 last_report = None
 

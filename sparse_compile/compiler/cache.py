@@ -1,4 +1,4 @@
-"""Timing of a layer's candidate forms, with an on-disk cache of the measurements.
+"""The on-disk cache of "auto"'s timings of a layer's candidate forms (the timers are in :mod:`sparse_compile.timing`).
 
 ``optimize(mode="auto")`` times every exact form of every layer on the target device with the
 shapes of the example inputs and keeps the fastest. The measurements are cached in a JSON file so a
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-__all__ = ["cache_dir", "DecisionCache", "device_name", "library_versions", "time_call", "timing_key"]
+from ..timing import cpu_model
+
+__all__ = ["cache_dir", "DecisionCache", "device_name", "library_versions", "timing_key"]
 
 CACHE_ENV = "SPARSE_COMPILE_CACHE"
 CACHE_FILE = "autotune.json"
@@ -38,24 +37,13 @@ def cache_dir() -> Path:
     return Path(base) / "sparse_compile"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_name(device) -> str:
     """A name that identifies the hardware a timing was taken on (with CPU thread count)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"{_cpu_model()} x{torch.get_num_threads()} threads"
+        return f"{cpu_model()} x{torch.get_num_threads()} threads"
     return device.type
 
 
@@ -151,64 +139,3 @@ class DecisionCache:
             self._dirty = False
         except OSError as e:
             warnings.warn(f"sparse_compile: could not write autotune cache {self.path} ({e})")
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_times(fns: dict, device="cpu", repeats: int = 15, budget_s: Optional[float] = None) -> dict:
-    """Seconds of each call of each zero-argument function in ``fns``: name -> list of ``repeats``.
-
-    Calls go round-robin (a, b, a, b, ...) so that machine noise hits every function alike, which
-    is what makes their ratio trustworthy on a shared machine. Each function is called once first
-    (warm-up). With ``budget_s``, ``repeats`` is cut so the timed rounds take about that long (at
-    least 3 rounds).
-    """
-    with torch.inference_mode():
-        one = 0.0
-        for f in fns.values():
-            f()
-            _sync(device)
-            t0 = time.perf_counter()
-            f()
-            _sync(device)
-            one += time.perf_counter() - t0
-        if budget_s is not None:
-            repeats = int(max(3, min(repeats, budget_s / max(one, 1e-9))))
-        times = {k: [] for k in fns}
-        for _ in range(max(1, repeats)):
-            for k, f in fns.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                f()
-                _sync(device)
-                times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def time_call(fn: Callable[[], object], device="cpu", repeats: int = 15, warmup: int = 2,
-              min_seconds: float = 2e-4) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` timed runs.
-
-    Each run loops ``fn`` enough times to last about ``min_seconds`` (so timer resolution and
-    Python overhead do not dominate fast layers).
-    """
-    with torch.no_grad():
-        for _ in range(max(1, warmup)):
-            fn()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        one = max(time.perf_counter() - t0, 1e-7)
-        inner = max(1, min(1000, int(min_seconds / one)))
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            _sync(device)
-            times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)

@@ -155,6 +155,24 @@ def _fn_name(fn) -> str:
     raise ValueError(f"sparse_compile.save: cannot name function {fn!r} for the rebuild spec")
 
 
+# Modules that moved when the package was split into subpackages: files saved before still load.
+_MOVED_MODULES = {
+    "sparse_compile.layers": "sparse_compile.compiler.modules",
+    "sparse_compile.structured": "sparse_compile.compiler.propagate",
+    "sparse_compile.tracing": "sparse_compile.fx",
+}
+
+
+def _moved(name: str) -> str:
+    """``name`` (a dotted class or module path) at its current place."""
+    for old, new in _MOVED_MODULES.items():
+        if name.startswith(old + ".") and old != new:
+            return new + name[len(old):]
+        if name == old:
+            return new
+    return name
+
+
 def _allowed_module(mod: str, prefixes: Iterable[str]) -> bool:
     return any(mod == p or mod.startswith(p + ".") for p in prefixes)
 
@@ -163,6 +181,7 @@ def _resolve_fn(ref: str, trusted: tuple):
     if not isinstance(ref, str) or ":" not in ref:
         raise ValueError(f"sparse_compile.load: bad function reference {ref!r}")
     mod, name = ref.split(":", 1)
+    mod = _moved(mod)
     if mod == "torch.ops":
         ns, _, rest = name.partition(".")
         parts = rest.split(".")
@@ -199,6 +218,7 @@ def _resolve_class(name: str, trusted: tuple):
         raise ValueError(f"sparse_compile.load: bad class name {name!r}")
     if name == "torch.nn.modules.module.Module":
         return nn.Module
+    name = _moved(name)
     if not any(name.startswith(p) for p in _ALLOWED_CLASS_PREFIXES + tuple(t + "." for t in trusted)):
         raise ValueError(f"sparse_compile.load: class {name!r} is not allowed (trusted= extends the list)")
     parts = name.split(".")
@@ -544,7 +564,7 @@ def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check
         _validate_module(name or "<root>", m)
     model.train(bool(spec.get("training", False)))
     if spec.get("report") is not None:
-        from .api import OptimizeReport
+        from .report import OptimizeReport
 
         model.sparse_compile_report = OptimizeReport.from_dict(spec["report"])
     if spec.get("config") is not None:

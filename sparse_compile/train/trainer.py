@@ -24,129 +24,29 @@ How the masks are kept:
   ``torch.distributed`` it is all-reduced and the new masks are broadcast from rank 0, so every rank
   holds the same masks.
 
-Differences from the reference implementation, following the paper (see ``SRIGL.md``): sparse init
+Differences from the reference implementation, following the paper (Lasby et al., ICLR 2024): sparse init
 std is ``sqrt(2/k)``; Adam/AdamW moments are reset along with SGD momentum.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
+from .budgets import DISTRIBUTIONS, fan_in_dense, layer_budgets, layer_densities, sparse_init_
 from .discovery import Discovery, Target, discover
-from .budgets import (
-    DISTRIBUTIONS,
-    fan_in_dense,
-    layer_budgets,
-    layer_densities,
-    random_constant_fan_in_mask,
-    random_mask,
-    sparse_init_,
-)
+from .distributed import masks_from_rank0, sum_over_ranks_, world_size
+from .report import LayerStats, SparsityReport
 
-__all__ = ["SRigL", "RigL", "StaticSparse", "SparseTrainer", "SparsityReport", "LayerStats"]
+
+__all__ = ["SparseTrainer", "SparsityReport", "LayerStats"]
 
 _STATE_VERSION = 1
 
 
-# --------------------------------------------------------------------------------------------- report
-@dataclass
-class LayerStats:
-    """One layer of a :class:`SparsityReport`."""
-
-    name: str
-    kind: str  # "linear", "conv2d" or "param"
-    shape: tuple
-    fan_in_dense: int
-    fan_in_min: int  # over active neurons
-    fan_in_max: int
-    active: int
-    ablated: int
-    nnz: int
-    budget: int
-    sparsity: float
-    drop_fraction: float  # fraction of the live weights the last update removed
-    itop: float  # fraction of the weights ever live
-    head: bool = False
-    dense: bool = False  # dense by option or by the distribution (no mask)
-
-    @property
-    def fan_in(self) -> str:
-        """``k``, or ``min-max`` when the fan-in varies (RigL)."""
-        if self.fan_in_min == self.fan_in_max:
-            return str(self.fan_in_max)
-        return f"{self.fan_in_min}-{self.fan_in_max}"
-
-
-@dataclass
-class SparsityReport:
-    """State of a sparse training run: per layer, global figures and ITOP history.
-
-    Prints as a table; :meth:`to_dict` / :meth:`to_json` serialise it. ``history`` holds one entry per
-    topology update (and one for step 0): ``{"step", "itop", "layers": {name: itop}, "alpha",
-    "sparsity", "ablated"}``.
-    """
-
-    method: str
-    step: int
-    total_steps: Optional[int]
-    updates: int
-    target_sparsity: float
-    sparsity: float  # exact, from the masks, over every layer in the budget
-    itop: float
-    active: int
-    ablated: int
-    layers: list = field(default_factory=list)  # [LayerStats]
-    skipped: dict = field(default_factory=dict)  # layer -> why it is dense and outside the budget
-    history: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        d = asdict(self)
-        for rec, src in zip(d["layers"], self.layers):
-            rec["shape"] = list(rec["shape"])
-            rec["fan_in"] = src.fan_in
-        return d
-
-    def to_json(self, path=None, indent: int = 2) -> str:
-        """The report as JSON; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
-        return text
-
-    def __str__(self) -> str:
-        head = ("layer", "kind", "shape", "fan-in", "active", "ablated", "sparsity", "drop", "ITOP")
-        rows = []
-        for r in self.layers:
-            flag = " (head)" if r.head else (" (dense)" if r.dense else "")
-            rows.append((
-                r.name + flag, r.kind, "x".join(map(str, r.shape)), r.fan_in, str(r.active), str(r.ablated),
-                f"{100 * r.sparsity:.2f}%", f"{100 * r.drop_fraction:.1f}%", f"{100 * r.itop:.1f}%",
-            ))
-        w = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-        fmt = lambda row: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
-        lines = [fmt(head), "  ".join("-" * x for x in w), *map(fmt, rows)]
-        lines.append(
-            f"{self.method} step {self.step}" + (f"/{self.total_steps}" if self.total_steps else "")
-            + f", {self.updates} updates: global sparsity {100 * self.sparsity:.3f}% "
-            f"(target {100 * self.target_sparsity:.2f}%), ITOP {100 * self.itop:.1f}%, "
-            f"{self.active} active / {self.ablated} ablated neurons"
-        )
-        if self.skipped:
-            lines.append(f"dense, outside the budget: {', '.join(self.skipped)}")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-# ---------------------------------------------------------------------------------------------- layer
 class _Layer:
     """Runtime state of one sparse weight."""
 
@@ -189,27 +89,6 @@ def _row_nnz(mask: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(mask.reshape(mask.shape[0], -1), dim=1)
 
 
-def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Bool mask of ``scores``' shape with True at its ``n`` largest entries (layer-wide)."""
-    m = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n > 0:
-        m[torch.topk(scores.reshape(-1), n, sorted=False).indices] = True
-    return m.reshape(scores.shape)
-
-
-def _drop_smallest(aw: torch.Tensor, live: torch.Tensor, n: int) -> torch.Tensor:
-    """``live`` without its ``n`` smallest-magnitude entries (layer-wide).
-
-    Selecting among the live entries only keeps the top-k small: they are a fraction of the layer.
-    """
-    keep = live.clone()
-    if n > 0:
-        pos = torch.nonzero(live.reshape(-1)).flatten()
-        drop = torch.topk(aw.reshape(-1)[pos], n, largest=False, sorted=False).indices
-        keep.view(-1)[pos[drop]] = False
-    return keep
-
-
 def _check_int(name: str, v, lo: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -223,13 +102,6 @@ def _check_frac(name: str, v, lo_open=True) -> float:
     return float(v)
 
 
-def _dist_world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-# -------------------------------------------------------------------------------------------- trainer
 class SparseTrainer:
     """Shared machinery of :class:`SRigL`, :class:`RigL` and :class:`StaticSparse`.
 
@@ -439,14 +311,9 @@ class SparseTrainer:
         layers = [layer for layer in self._layers if layer.dense_grad is not None]
         for layer in self._layers:
             layer.last_drop = 0.0
-        world = _dist_world()
+        world = world_size()
         if world > 1 and layers:
-            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-            flat = _flatten_dense_tensors([layer.dense_grad for layer in layers])
-            torch.distributed.all_reduce(flat)
-            for layer, g in zip(layers, _unflatten_dense_tensors(flat, [layer.dense_grad for layer in layers])):
-                layer.dense_grad.copy_(g)
+            sum_over_ranks_([layer.dense_grad for layer in layers])
             n_acc *= world
         new_masks = []
         for layer in layers:
@@ -462,11 +329,7 @@ class SparseTrainer:
             new = self._new_mask(layer, w2, m2, g.reshape(layer.out, -1).to(w2.device), alpha_t)
             new_masks.append(new.reshape(layer.mask.shape))
         if world > 1 and layers:
-            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-            flat = _flatten_dense_tensors([m.to(torch.uint8) for m in new_masks])
-            torch.distributed.broadcast(flat, 0)
-            new_masks = [u.bool() for u in _unflatten_dense_tensors(flat, new_masks)]
+            new_masks = masks_from_rank0(new_masks)
         for layer, new in zip(layers, new_masks):
             self._apply_new_mask(layer, new)
         for layer in self._layers:
@@ -527,11 +390,6 @@ class SparseTrainer:
         total = sum(math.prod(s) for s in self._shapes.values())
         live = sum(_nnz(layer.mask) for layer in self._layers) + sum(t.param.numel() for t in self._dense_targets)
         return 1.0 - live / total
-
-    def summary(self) -> dict:
-        """Small dict for a progress bar: step, sparsity, ITOP, ablated neurons."""
-        h = self._history[-1]
-        return {"step": self._step, "sparsity": self.sparsity, "itop": h["itop"], "ablated": h["ablated"]}
 
     def report(self) -> SparsityReport:
         """Per-layer and global state (see :class:`SparsityReport`)."""
@@ -626,102 +484,3 @@ class SparseTrainer:
     def __repr__(self) -> str:
         return (f"{self.method}(layers={len(self._layers)}, sparsity={self.sparsity:.4f}, step={self._step}, "
                 f"delta_t={self.delta_t}, total_steps={self.total_steps})")
-
-
-# -------------------------------------------------------------------------------------- methods
-class StaticSparse(SparseTrainer):
-    """Random constant fan-in masks, never updated (the static sparse baseline).
-
-    Same arguments as :class:`SparseTrainer`; the update schedule ones (``total_steps``, ``delta_t``,
-    ``alpha``, ``t_end``, ``grad_accumulation``) are accepted and ignored.
-    """
-
-    method = "StaticSparse"
-    dynamic = False
-
-    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
-        return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
-
-
-class RigL(SparseTrainer):
-    """RigL (Evci et al. 2020): unstructured masks; prune by |w|, regrow by |dense grad|, layer-wide.
-
-    Each layer has the same number of weights as under SRigL (``out * k``), placed at random at start,
-    so the two are compared at equal parameter counts.
-    """
-
-    method = "RigL"
-
-    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
-        return random_mask(layer.param.shape, layer.budget)
-
-    def _new_mask(self, layer, w2, m2, g2, alpha_t):
-        n_prune = int(alpha_t * _nnz(m2))
-        keep = _drop_smallest(w2.abs(), m2, n_prune)
-        return keep | _top_mask(torch.where(keep, -1.0, g2.abs().float()), n_prune)
-
-
-class SRigL(SparseTrainer):
-    """SRigL (Lasby et al. 2024): RigL with constant fan-in per neuron and dynamic neuron ablation.
-
-    Extra argument ``gamma_sal`` (default 0.3; the paper uses 0.95 for ViT): a neuron with fewer than
-    ``max(1, floor(gamma_sal * k))`` salient weights (kept by magnitude or among the layer's regrowth
-    candidates) is ablated and its budget goes to the other neurons. ``gamma_sal=0`` disables
-    ablation. The output layer(s) are never ablated.
-    """
-
-    method = "SRigL"
-
-    def __init__(self, model, optimizer, sparsity=0.9, total_steps=None, delta_t=100, alpha=0.3, t_end=0.75,
-                 gamma_sal: float = 0.3, distribution="erk", grad_accumulation=1, **kw):
-        self.gamma_sal = _check_frac("gamma_sal", gamma_sal, lo_open=False)
-        super().__init__(model, optimizer, sparsity, total_steps, delta_t, alpha, t_end, distribution,
-                         grad_accumulation, **kw)
-
-    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
-        return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
-
-    def _new_mask(self, layer, w2, m2, g2, alpha_t):
-        out, fan = m2.shape
-        row_nnz = _row_nnz(m2)
-        k_now = int(row_nnz.max())
-        n_prune = int(alpha_t * int(row_nnz.sum()))
-        aw = w2.abs()
-        ag = g2.abs().float()
-        keep = _drop_smallest(aw, m2, n_prune)
-        grow = _top_mask(torch.where(keep, -1.0, ag), n_prune)
-
-        active = torch.ones(out, dtype=torch.bool, device=m2.device)
-        if self.gamma_sal > 0 and not layer.target.head:
-            salient = _row_nnz(keep | grow)
-            active = salient >= max(1, math.floor(self.gamma_sal * k_now))
-            # Never ablate so many neurons that the fan-in would exceed the dense fan-in: bring back
-            # the most salient ablated ones (lowest index first among ties).
-            need = -(-layer.budget // fan) - _nnz(active)
-            if need > 0:
-                order = torch.sort(torch.where(active, -1, salient), descending=True, stable=True).indices
-                active[order[:need]] = True
-        all_rows = _nnz(active) == out
-        rows = torch.nonzero(active).flatten()
-        k = layer.budget // rows.numel()
-        keep_a = keep if all_rows else keep[rows]
-        c = _row_nnz(keep_a)
-        new_rows = keep_a.clone()
-        # A neuron that kept more than k weights keeps its k largest ...
-        over = torch.nonzero(c > k).flatten()
-        if over.numel():
-            sub = torch.where(keep_a[over], aw[rows[over]], -1.0)
-            new_rows[over] = torch.zeros_like(new_rows[over]).scatter_(1, torch.topk(sub, k, dim=1).indices, True)
-        # ... one with fewer grows its largest dense gradients among its other positions up to k.
-        need = (k - c).clamp(min=0)
-        kk = int(need.max())
-        if kk > 0:
-            score = torch.where(keep_a, -1.0, ag if all_rows else ag[rows])
-            idx = torch.topk(score, kk, dim=1).indices
-            take = torch.arange(kk, device=m2.device)[None, :] < need[:, None]
-            new_rows |= torch.zeros_like(new_rows).scatter_(1, idx, take)
-        if all_rows:
-            return new_rows
-        new = torch.zeros_like(m2)
-        new[rows] = new_rows
-        return new

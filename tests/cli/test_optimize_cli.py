@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from sparse_compile import cli, load
 from sparse_compile.models import create_model
-from sparse_compile.train.trainer import SRigL
+from sparse_compile.train import SRigL
 
 
 @pytest.fixture(autouse=True)

@@ -133,7 +133,7 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
 
 
 def test_lr_schedules_follow_the_recipes():
-    from sparse_compile.commands.train import lr_factor, resolve_recipe
+    from sparse_compile.train.loop import lr_factor, resolve_recipe
 
     r18 = resolve_recipe("resnet18_cifar10")
     f = lr_factor(r18, steps_per_epoch=10, total_steps=2500)
@@ -148,7 +148,7 @@ def test_lr_schedules_follow_the_recipes():
 
 
 def test_recipe_settings_reach_optimizer_and_sparsifier():
-    from sparse_compile.commands.train import build_model, build_optimizer, build_sparsifier, resolve_recipe
+    from sparse_compile.train.loop import build_model, build_optimizer, build_sparsifier, resolve_recipe
 
     r = resolve_recipe("digits_mlp", overrides=["gamma_sal=0.5", "distribution=uniform", "delta_t=7",
                                                 "optimizer=rmsprop", "eps=0.0316", "rmsprop_alpha=0.9"])

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from sparse_compile.compiler import backend as B
-from sparse_compile.compiler.api import relative_error
+from sparse_compile.compiler import relative_error
 from sparse_models import srigl_init
 
 RTOL = 1e-5

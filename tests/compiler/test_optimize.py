@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 
 import sparse_compile
-from sparse_compile.compiler import api as compiler
+from sparse_compile.compiler import forms as form_registry, whole_model
 from sparse_compile.compiler import modules as L
-from sparse_compile.compiler.api import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
+from sparse_compile.compiler import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
 from sparse_models import srigl_init
 
 MODES = ["dense", "structured", "condensed", "csr", "auto"]
@@ -454,7 +454,7 @@ def _stub_times(monkeypatch, *answers):
         assert set(ans) <= set(models), (sorted(models), ans)
         return {k: ans.get(k, 1e6) / 1e3 for k in models}  # unlisted candidates: never the fastest
 
-    monkeypatch.setattr(compiler, "_time_models", fake)
+    monkeypatch.setattr(whole_model, "time_models", fake)
     return calls
 
 
@@ -511,7 +511,7 @@ def test_whole_model_check_off_keeps_per_layer_choices(sparse_mlp, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("whole-model timing ran although whole_model_check=False")
 
-    monkeypatch.setattr(compiler, "_time_models", boom)
+    monkeypatch.setattr(whole_model, "time_models", boom)
     opt = check(sparse_mlp, torch.randn(3, 64), "auto", whole_model_check=False)
     assert opt.sparse_compile_report.whole_model is None
 
@@ -520,13 +520,13 @@ def test_whole_model_check_leaves_pattern_modes_alone(sparse_mlp, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("whole-model timing ran for a dict mode")
 
-    monkeypatch.setattr(compiler, "_time_models", boom)
+    monkeypatch.setattr(whole_model, "time_models", boom)
     opt = check(sparse_mlp, torch.randn(3, 64), {"0": "condensed", "*": "auto"})
     assert forms(opt)["0"] == "condensed" and opt.sparse_compile_report.whole_model is None
 
 
 def test_auto_on_a_clean_model_warns_nothing(sparse_mlp):
-    compiler._csr_supported.cache_clear()  # its probe (torch's CSR "beta" warning) runs once per process
+    form_registry._csr_supported.cache_clear()  # its probe (torch's CSR "beta" warning) runs once per process
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimize(sparse_mlp, (torch.randn(2, 64),), mode="auto", repeats=1, warmup=0)

@@ -11,7 +11,7 @@ from torch import nn
 
 import sparse_compile
 from sparse_compile.compiler.modules import CondensedLinear, ConstantScatter
-from sparse_compile.compiler.api import optimize
+from sparse_compile.compiler import optimize
 from sparse_compile.compiler.serialize import META_KEY, load, save
 from sparse_models import srigl_init
 

@@ -79,7 +79,7 @@ def test_srigl_step_then_optimize(built):
         assert torch.all(m.weight[~get_mask(m)] == 0), f"{name}.{n}: weight outside the mask"
     assert abs(sp.sparsity - 0.9) < 0.01
 
-    if _missing("sparse_compile.compiler.api"):
+    if _missing("sparse_compile.compiler"):
         pytest.skip("sparse_compile.optimize (issue 5) is missing")
     from sparse_compile import optimize
 

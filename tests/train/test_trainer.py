@@ -386,7 +386,6 @@ def test_report_table_json_and_history(tmp_path):
     loaded = json.loads(path.read_text())
     assert loaded["history"] == rep.to_dict()["history"]
     assert loaded["layers"][0]["fan_in"] == rep.layers[0].fan_in
-    assert set(sp.summary()) == {"step", "sparsity", "itop", "ablated"}
 
 
 # -------------------------------------------------------------------------------------- arguments

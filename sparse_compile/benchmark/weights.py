@@ -1,0 +1,114 @@
+"""The weights a layer benchmark runs on: a random SRigL-like layer, or one layer of a checkpoint."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def parse_shape(s: str) -> tuple:
+    """``"768x3072"`` -> ``(768, 3072)``: out features x in features (the weight's shape)."""
+    try:
+        out, inp = (int(p) for p in str(s).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"layer shape {s!r}: expected OUTxIN, e.g. 768x3072 (ViT-B/16 fc2)") from None
+    if out <= 0 or inp <= 0:
+        raise ValueError(f"layer shape {s!r}: sizes must be positive")
+    return out, inp
+
+
+@dataclass
+class LayerWeights:
+    """A sparse Linear layer to benchmark: masked weight ``[out, in]``, mask, bias, provenance."""
+
+    name: str
+    weight: Tensor  # zero outside the mask
+    mask: Tensor  # bool, weight's shape
+    bias: Optional[Tensor]
+    source: str  # "random constant fan-in" or "checkpoint <path>"
+    target_sparsity: float
+
+    def analysis(self):
+        """:func:`sparse_compile.formats.analyze` of the weight under its mask."""
+        from sparse_compile.formats import analyze
+
+        return analyze(self.weight, self.mask, self.name)
+
+    def describe(self) -> dict:
+        """The layer's structure as stored in every result row."""
+        a = self.analysis()
+        return {
+            "layer": self.name,
+            "out_features": a.out_features,
+            "in_features": a.fan_in_dense,
+            "sparsity": round(self.target_sparsity, 6),
+            "actual_sparsity": round(a.sparsity, 6),
+            "n_active": a.n_active,
+            "n_ablated": a.n_ablated,
+            "k": a.k if a.k is not None else -1,
+            "weights": self.source,
+        }
+
+
+def random_layer(out: int, inp: int, sparsity: float, ablated_fraction: float = 0.1, bias: bool = True,
+                 seed: int = 0, name: Optional[str] = None) -> LayerWeights:
+    """A constant fan-in layer with SRigL's statistics, as if trained with neuron ablation.
+
+    ``round(ablated_fraction * out)`` neurons (chosen at random) are ablated and, as SRigL does, the
+    layer's weight budget ``out * k`` (``k`` from ``sparsity`` over all neurons) is spread over the
+    active ones, whose fan-in grows to ``floor(budget / n_active)`` (at most ``inp``). Live weights
+    are ``N(0, 2/k)`` (sparse Kaiming init), bias ``N(0, 0.1^2)``.
+    """
+    from sparse_compile.train.budgets import constant_fan_in, sparse_init_
+
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0.0 <= ablated_fraction < 1.0:
+        raise ValueError(f"ablated_fraction must be in [0, 1), got {ablated_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    n_abl = min(out - 1, int(round(ablated_fraction * out)))
+    n_act = out - n_abl
+    budget = out * constant_fan_in(1.0 - sparsity, inp)
+    k = max(1, min(inp, budget // n_act))
+    active = torch.randperm(out, generator=g)[:n_act].sort().values
+    scores = torch.rand(n_act, inp, generator=g)
+    cols = torch.topk(scores, k, dim=1).indices
+    mask = torch.zeros(out, inp, dtype=torch.bool)
+    mask[active.unsqueeze(1), cols] = True
+    w = torch.empty(out, inp)
+    sparse_init_(w, mask, generator=g)
+    b = torch.randn(out, generator=g) * 0.1 if bias else None
+    return LayerWeights(name or f"{out}x{inp}", w, mask, b, "random constant fan-in", float(sparsity))
+
+
+def checkpoint_layer(path, layer: Optional[str] = None) -> LayerWeights:
+    """A trained layer from a checkpoint: ``<layer>.weight``, ``<layer>.weight_mask`` (if saved), bias.
+
+    ``layer`` may be omitted when the checkpoint holds a single 2-D weight with a mask; otherwise a
+    ``KeyError`` lists the candidates.
+    """
+    from sparse_compile.checkpoint import load_state_dict
+    from sparse_compile.formats import analyze
+
+    sd = load_state_dict(path)
+    linear = sorted(k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)
+    masked = [n for n in linear if f"{n}.weight_mask" in sd]
+    if layer is None:
+        if len(masked) != 1:
+            raise KeyError(f"{path}: pick a layer with --layer; 2-D sparse weights: {masked or linear}")
+        layer = masked[0]
+    if f"{layer}.weight" not in sd:
+        raise KeyError(f"{path}: no weight {layer + '.weight'!r}; 2-D weights: {linear}")
+    w = sd[f"{layer}.weight"].float()
+    if w.dim() != 2:
+        raise ValueError(f"{path}: layer {layer!r} has a {w.dim()}-D weight; the layer benchmark takes Linear layers")
+    m = sd.get(f"{layer}.weight_mask")
+    mask = (m.bool() if m is not None else (w != 0))
+    if tuple(mask.shape) != tuple(w.shape):
+        raise ValueError(f"{path}: layer {layer!r}: mask shape {tuple(mask.shape)} != weight shape {tuple(w.shape)}")
+    w = w * mask
+    b = sd.get(f"{layer}.bias")
+    a = analyze(w, mask, layer)
+    return LayerWeights(layer, w, mask, None if b is None else b.float(), f"checkpoint {path}", a.sparsity)

@@ -1,0 +1,164 @@
+"""The form registry (:data:`FORMS`, extend with :func:`register_form`): each form says why it
+cannot serve a layer, or builds the module that computes the layer's (active) rows."""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .. import formats
+from .modules import CondensedConv2d, CondensedLinear, CSRConv2d, CSRLinear, StructuredConv2d, StructuredLinear
+from .plan import _conv_padding, _effective, _grouped
+
+
+@dataclass
+class FormHandler:
+    """A form: ``unavailable(slot, cfg)`` says why it cannot serve a layer (None: it can);
+    ``build(slot, cfg)`` makes the module computing the layer's active rows from its (kept) input."""
+
+    name: str
+    unavailable: Callable
+    build: Callable
+    description: str = ""
+
+
+FORMS: dict = {}
+
+
+def register_form(handler: FormHandler) -> FormHandler:
+    """Add (or replace) a form in the registry."""
+    FORMS[handler.name] = handler
+    return handler
+
+
+def _dense_unavailable(slot, cfg):
+    if slot.changed:
+        return "its input or output is reduced (structured is its dense form)"
+    return None
+
+
+def _structured_unavailable(slot, cfg):
+    if _grouped(slot):
+        return f"grouped conv (groups={slot.module.groups}): dropping channels would change its groups"
+    return None
+
+
+def _sparse_common(slot, cfg) -> Optional[str]:
+    if not slot.sparse:
+        return "dense weight (no zeros, no mask)"
+    if slot.info.numel < cfg.min_numel:
+        return f"too small ({slot.info.numel} weights < min_numel {cfg.min_numel})"
+    m = slot.module
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            return f"grouped conv (groups={m.groups}); the sparse kernels need groups=1"
+        if m.padding_mode != "zeros":
+            return f"padding_mode={m.padding_mode!r}; the sparse kernels pad with zeros"
+        if _conv_padding(m) is None:
+            return f"padding={m.padding!r} is asymmetric"
+    return None
+
+
+def _pad_ratio(slot) -> float:
+    a = slot.info.active_fan_in
+    return float(a.max()) * a.numel() / max(1, int(a.sum()))
+
+
+def _condensed_unavailable(slot, cfg):
+    why = _sparse_common(slot, cfg)
+    if why:
+        return why
+    info = slot.info
+    if not info.constant_fan_in:
+        ratio = _pad_ratio(slot)
+        rng = f"fan-in {info.fan_in_min}-{info.fan_in_max}"
+        if slot.mode == "condensed" and not cfg.pad_condensed:
+            raise ValueError(
+                f"layer {slot.name!r}: fan-in is not constant over active neurons ({rng}); the "
+                "condensed form needs constant fan-in. Use mode 'auto' or 'csr' for this layer, or "
+                "OptimizeConfig(pad_condensed=True) to pad rows to the maximum fan-in."
+            )
+        if slot.mode == "auto" and ratio > cfg.max_pad_ratio:
+            return f"{rng} not constant (padding would cost {ratio:.2f}x > max_pad_ratio {cfg.max_pad_ratio})"
+    return None
+
+
+def _build_dense(slot, cfg):
+    return slot.module
+
+
+def _build_structured(slot, cfg):
+    e = _effective(slot, slot.active_only("structured"))
+    m = slot.module
+    rg = cfg.requires_grad
+    if isinstance(m, nn.Conv2d):
+        return StructuredConv2d(e["weight"], e["bias"], m.stride, m.padding, m.dilation, m.groups,
+                                m.padding_mode, requires_grad=rg)
+    return StructuredLinear(e["weight"], e["bias"], requires_grad=rg)
+
+
+def _build_condensed(slot, cfg):
+    e = _effective(slot, slot.active_only("condensed"))
+    m = slot.module
+    c = formats.to_condensed(e["weight"], e["live"], e["bias"], name=slot.name, pad=True)
+    if c.n_active != e["weight"].shape[0]:  # _effective gives every row a live entry
+        raise RuntimeError(f"layer {slot.name!r}: condensed form lost rows")
+    if isinstance(m, nn.Conv2d):
+        return CondensedConv2d(c.values, c.indices, c.bias, e["weight"].shape[1], m.kernel_size, m.stride,
+                               _conv_padding(m), m.dilation, requires_grad=cfg.requires_grad)
+    return CondensedLinear(c.values, c.indices, c.bias, e["weight"].shape[1], requires_grad=cfg.requires_grad)
+
+
+def _build_csr(slot, cfg):
+    e = _effective(slot, slot.active_only("csr"))
+    m = slot.module
+    csr = formats.to_csr(e["weight"], e["live"], active_only=False, name=slot.name).csr
+    if isinstance(m, nn.Conv2d):
+        return CSRConv2d(csr, e["bias"], e["weight"].shape[1], m.kernel_size, m.stride, _conv_padding(m), m.dilation)
+    return CSRLinear(csr, e["bias"])
+
+
+register_form(FormHandler("dense", _dense_unavailable, _build_dense, "the original layer"))
+
+register_form(FormHandler("structured", _structured_unavailable, _build_structured,
+                          "dense over active neurons and kept inputs"))
+
+register_form(FormHandler("condensed", _condensed_unavailable, _build_condensed,
+                          "condensed values/indices (torch.ops.sparse_compile)"))
+
+
+@functools.lru_cache(maxsize=None)
+def _csr_supported(device: str, dtype: torch.dtype) -> bool:
+    """Whether torch has a CSR @ dense matmul for this device and dtype (CPU lacks bf16 / fp16)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            w = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
+            torch.mm(w, torch.ones(2, 1, dtype=dtype, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _csr_unavailable(slot, cfg):
+    why = _sparse_common(slot, cfg)
+    if why:
+        return why
+    w = slot.module.weight
+    if not _csr_supported(str(w.device), w.dtype):
+        return f"torch has no sparse CSR matmul for {str(w.dtype).replace('torch.', '')} on {w.device.type}"
+    return None
+
+
+register_form(FormHandler("csr", _csr_unavailable, _build_csr, "torch.sparse_csr weight"))
+
+
+def _baseline(slot) -> str:
+    """The dense-compute form of a layer: the original, or dense over active rows / kept inputs."""
+    if _grouped(slot):
+        return "dense"
+    return "structured" if (slot.changed or slot.ablated) else "dense"

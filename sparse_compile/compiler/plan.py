@@ -1,0 +1,266 @@
+"""The per-layer plan: every rewritable Linear / Conv2d of the traced model, what it computes (its
+analysis, live mask, reduced output or input) and, once chosen, its form and module."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .. import formats
+from .. import fx as tracing
+from .config import OptimizeConfig, _mode_for
+from .modules import ExplicitMultiheadAttention
+from .propagate import Reduced
+
+
+@dataclass
+class _Slot:
+    """One Linear / Conv2d of the model and what the pass decided for it."""
+
+    name: str
+    module: nn.Module
+    install: Callable[[nn.Module], None]
+    node: Optional[fx.Node] = None
+    mode: str = "dense"
+    shared: bool = False
+    info: Optional[formats.LayerAnalysis] = None
+    live: Optional[Tensor] = None
+    out_reduce: bool = False
+    in_state: Optional[Reduced] = None
+    form: str = "dense"
+    reason: str = ""
+    times: dict = field(default_factory=dict)
+    rel_err: Optional[float] = None
+    new_module: Optional[nn.Module] = None
+    sample: Optional[Tensor] = None
+    # effective layer (rows x kept input columns), built lazily by _effective(), keyed by active_only
+    eff: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """"conv2d" or "linear"."""
+        return "conv2d" if isinstance(self.module, nn.Conv2d) else "linear"
+
+    @property
+    def ablated(self) -> bool:
+        """Whether some neurons are ablated (no live weight)."""
+        return bool(self.info is not None and self.info.n_ablated > 0)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether some weights are not live."""
+        return bool(self.info is not None and self.info.nnz < self.info.numel)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the layer cannot stay the original module (its input or output is reduced)."""
+        return self.out_reduce or self.in_state is not None
+
+    @property
+    def needs_scatter(self) -> bool:
+        """Structured computes only the active rows (a dense zero row costs a full fan-in); without
+        a reduced output they go back in place. The sparse forms compute the ablated rows instead
+        (an empty / zero row is nearly free), so their output needs no scatter."""
+        return self.form == "structured" and self.ablated and not self.out_reduce
+
+    def active_only(self, form: str) -> bool:
+        """Whether ``form`` computes only the active rows of this layer."""
+        return self.ablated and (self.out_reduce or form == "structured")
+
+
+def _conv_padding(m: nn.Conv2d) -> Optional[tuple]:
+    """Explicit integer padding of a conv (None when it cannot be expressed symmetrically)."""
+    p = m.padding
+    if isinstance(p, str):
+        if p == "valid":
+            return (0, 0)
+        out = []
+        for k, d in zip(m.kernel_size, m.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            out.append(total // 2)
+        return tuple(out)
+    return tuple(int(v) for v in p)
+
+
+def _effective(slot: _Slot, active_only: bool) -> dict:
+    """The layer restricted to its kept input columns (and its active rows when ``active_only``),
+    with the bias fold.
+
+    Returns dict(weight, live, bias): ``weight`` masked (exact zeros off the mask), ``live`` its
+    mask where every row has at least one live entry (an ablated row, or one whose live inputs
+    were all dropped, keeps a zero entry, so the sparse forms still see every row), ``bias`` with
+    the dropped inputs' constant contribution added (computed in float64).
+    """
+    if active_only in slot.eff:
+        return slot.eff[active_only]
+    m = slot.module
+    w = m.weight.detach()
+    live = slot.live
+    rows = slot.info.active_rows.to(w.device) if (slot.ablated and active_only) else None
+    wm = w * live.to(w.dtype)
+    bias = None if m.bias is None else m.bias.detach().to(torch.float64)
+    if rows is not None:
+        wm, live = wm[rows], live[rows]
+        bias = None if bias is None else bias[rows]
+    s = slot.in_state
+    if s is not None:
+        keep = s.keep.to(w.device)
+        drop_c = s.dropped_const().to(device=w.device)
+        w_drop = wm[:, ~keep].to(torch.float64)
+        if w_drop.dim() == 4:
+            w_drop = w_drop.sum(dim=(2, 3))
+        fold = w_drop @ drop_c
+        if bool((fold != 0).any()):
+            bias = fold if bias is None else bias + fold
+        wm, live = wm[:, keep], live[:, keep]
+    live = live.clone()
+    flat = live.reshape(live.shape[0], -1)
+    empty = ~flat.any(dim=1)
+    if bool(empty.any()) and flat.shape[1]:
+        flat[empty, 0] = True
+    slot.eff[active_only] = {
+        "weight": wm.contiguous(),
+        "live": live,
+        "bias": None if bias is None else bias.to(w.dtype).contiguous(),
+    }
+    return slot.eff[active_only]
+
+
+def _grouped(slot) -> bool:
+    return isinstance(slot.module, nn.Conv2d) and slot.module.groups != 1
+
+
+def _set_submodule(root: nn.Module, target: str, m: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, m)
+
+
+def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list) -> list:
+    """Every Linear / Conv2d: graph nodes, then layers inside leaf modules (MHA out-projections)."""
+    slots: list = []
+    done: set = set()
+    # nn.MultiheadAttention reads out_proj.weight directly; make it call its out_proj.
+    for name, m in list(gm.named_modules()):
+        if isinstance(m, nn.MultiheadAttention):
+            if _mode_for(cfg.mode, f"{name}.out_proj") == "dense":
+                continue
+            op = m.out_proj
+            if formats.analyze(op.weight.detach(), formats.get_mask(op)).sparsity == 0:
+                continue  # a dense out-projection: keep torch's (fused) attention
+            why = ExplicitMultiheadAttention.unsupported_reason(m)
+            if why:
+                notes.append(f"{name}: kept nn.MultiheadAttention ({why}); its out_proj stays dense")
+                done.add(f"{name}.out_proj")
+                continue
+            _set_submodule(gm, name, ExplicitMultiheadAttention.from_module(m))
+    if traced:
+        counts: dict = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                counts[n.target] = counts.get(n.target, 0) + 1
+        for n in tracing.sparse_module_nodes(gm):
+            if n.target in done and counts[n.target] > 1:
+                continue
+            tgt = str(n.target)
+            slots.append(_Slot(tgt, gm.get_submodule(tgt), _installer(gm, tgt), node=n, shared=counts[n.target] > 1))
+            done.add(tgt)
+    # Layers not called by the graph: inside leaf modules (our explicit attention), or every layer
+    # when nothing was traced. A layer inside another torch.nn module (e.g. TransformerEncoderLayer,
+    # whose fast path reads linear1.weight) cannot be swapped safely.
+    seen_ids = {id(s.module) for s in slots}
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, ExplicitMultiheadAttention)
+    parents = {name: m for name, m in gm.named_modules()}
+    for name, m in gm.named_modules():
+        if name in done or not isinstance(m, tracing.SPARSE_TYPES) or id(m) in seen_ids or not name:
+            continue
+        parent = parents[name.rpartition(".")[0]]
+        if traced and not isinstance(parent, ExplicitMultiheadAttention):
+            notes.append(f"{name}: inside leaf module {type(parent).__name__} that FX does not trace; kept as is")
+            continue
+        if type(parent).__module__.startswith("torch.nn") and not isinstance(parent, containers):
+            notes.append(f"{name}: inside {type(parent).__name__}, which may read its weight directly; kept as is")
+            continue
+        slots.append(_Slot(name, m, _installer(gm, name)))
+        seen_ids.add(id(m))
+    return slots
+
+
+def _installer(root, target):
+    return lambda m: _set_submodule(root, target, m)
+
+
+def _analyze_slot(s: _Slot, cfg: OptimizeConfig) -> None:
+    s.mode = _mode_for(cfg.mode, s.name)
+    w = s.module.weight
+    mask = formats.get_mask(s.module)
+    s.info = formats.analyze(w.detach(), mask, s.name)
+    s.live = formats.live_mask(w.detach(), mask, s.name)
+    if s.mode == "dense":
+        return
+    if s.info.n_active == 0:  # e.g. a zero-initialised head: its output is its bias, nothing to gain
+        s.mode = "dense"
+        s.reason = "all neurons ablated or zero (output is the bias); kept dense"
+        return
+    if mask is not None:
+        outside = int(((w.detach() != 0) & ~s.live).sum())
+        if outside:
+            raise ValueError(
+                f"layer {s.name!r}: {outside} non-zero weights lie outside its weight_mask, so the model "
+                "does not compute what the mask describes; multiply the weight by the mask first"
+            )
+    if (cfg.structural and s.node is not None and not s.shared and s.ablated and s.info.n_active > 0
+            and not _grouped(s)):
+        s.out_reduce = True
+
+
+def _producer_state(s: _Slot) -> Reduced:
+    out = s.info.out_features
+    keep = torch.zeros(out, dtype=torch.bool)
+    keep[s.info.active_rows] = True
+    const = torch.zeros(out, dtype=torch.float64)
+    if s.module.bias is not None:
+        const[~keep] = s.module.bias.detach().cpu().to(torch.float64)[~keep]
+    if s.kind == "conv2d":
+        dim = 1
+    else:
+        shape = (s.node.meta.get("tensor_meta") and getattr(s.node.meta["tensor_meta"], "shape", None))
+        dim = len(shape) - 1 if shape is not None else -1
+    return Reduced(dim, keep, const)
+
+
+def _absorbs(gm, slot: Optional[_Slot], node: fx.Node, st: Reduced) -> Optional[str]:
+    """None when layer ``slot`` can drop the reduced input columns, else why not."""
+    if slot is None:
+        return f"{node.target} is not a rewritable layer"
+    if slot.mode == "dense":
+        return f"layer {slot.name} is kept dense by its mode"
+    if slot.shared:
+        return f"layer {slot.name} is called at several places"
+    m = slot.module
+    if isinstance(m, nn.Conv2d):
+        if st.dim != 1:
+            return f"layer {slot.name}: reduced dim {st.dim} is not the conv channel dim"
+        if m.groups != 1:
+            return f"layer {slot.name} is a grouped conv"
+        if m.in_channels != st.width:
+            return f"layer {slot.name}: {m.in_channels} input channels, reduced tensor has {st.width}"
+        pad = _conv_padding(m)
+        if m.padding_mode != "zeros" or pad is None:
+            return f"layer {slot.name} pads with {m.padding_mode}"
+        if any(pad) and bool((st.dropped_const() != 0).any()):
+            return (f"layer {slot.name} zero-pads a non-zero constant input, so the constant's "
+                    "contribution differs at the border")
+        return None
+    shape = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    shape = getattr(shape, "shape", None)
+    last = len(shape) - 1 if shape is not None else None
+    if not (st.dim == -1 or (last is not None and st.dim == last)):
+        return f"layer {slot.name}: reduced dim {st.dim} is not the feature dim"
+    if m.in_features != st.width:
+        return f"layer {slot.name}: {m.in_features} input features, reduced tensor has {st.width}"
+    return None

@@ -1,0 +1,128 @@
+"""The three update rules: :class:`StaticSparse`, :class:`RigL` and :class:`SRigL`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .budgets import random_constant_fan_in_mask, random_mask
+from .trainer import SparseTrainer, _check_frac, _Layer, _nnz, _row_nnz
+
+
+def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of ``scores``' shape with True at its ``n`` largest entries (layer-wide)."""
+    m = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n > 0:
+        m[torch.topk(scores.reshape(-1), n, sorted=False).indices] = True
+    return m.reshape(scores.shape)
+
+
+def _drop_smallest(aw: torch.Tensor, live: torch.Tensor, n: int) -> torch.Tensor:
+    """``live`` without its ``n`` smallest-magnitude entries (layer-wide).
+
+    Selecting among the live entries only keeps the top-k small: they are a fraction of the layer.
+    """
+    keep = live.clone()
+    if n > 0:
+        pos = torch.nonzero(live.reshape(-1)).flatten()
+        drop = torch.topk(aw.reshape(-1)[pos], n, largest=False, sorted=False).indices
+        keep.view(-1)[pos[drop]] = False
+    return keep
+
+
+class StaticSparse(SparseTrainer):
+    """Random constant fan-in masks, never updated (the static sparse baseline).
+
+    Same arguments as :class:`SparseTrainer`; the update schedule ones (``total_steps``, ``delta_t``,
+    ``alpha``, ``t_end``, ``grad_accumulation``) are accepted and ignored.
+    """
+
+    method = "StaticSparse"
+    dynamic = False
+
+    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
+        return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
+
+
+class RigL(SparseTrainer):
+    """RigL (Evci et al. 2020): unstructured masks; prune by |w|, regrow by |dense grad|, layer-wide.
+
+    Each layer has the same number of weights as under SRigL (``out * k``), placed at random at start,
+    so the two are compared at equal parameter counts.
+    """
+
+    method = "RigL"
+
+    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
+        return random_mask(layer.param.shape, layer.budget)
+
+    def _new_mask(self, layer, w2, m2, g2, alpha_t):
+        n_prune = int(alpha_t * _nnz(m2))
+        keep = _drop_smallest(w2.abs(), m2, n_prune)
+        return keep | _top_mask(torch.where(keep, -1.0, g2.abs().float()), n_prune)
+
+
+class SRigL(SparseTrainer):
+    """SRigL (Lasby et al. 2024): RigL with constant fan-in per neuron and dynamic neuron ablation.
+
+    Extra argument ``gamma_sal`` (default 0.3; the paper uses 0.95 for ViT): a neuron with fewer than
+    ``max(1, floor(gamma_sal * k))`` salient weights (kept by magnitude or among the layer's regrowth
+    candidates) is ablated and its budget goes to the other neurons. ``gamma_sal=0`` disables
+    ablation. The output layer(s) are never ablated.
+    """
+
+    method = "SRigL"
+
+    def __init__(self, model, optimizer, sparsity=0.9, total_steps=None, delta_t=100, alpha=0.3, t_end=0.75,
+                 gamma_sal: float = 0.3, distribution="erk", grad_accumulation=1, **kw):
+        self.gamma_sal = _check_frac("gamma_sal", gamma_sal, lo_open=False)
+        super().__init__(model, optimizer, sparsity, total_steps, delta_t, alpha, t_end, distribution,
+                         grad_accumulation, **kw)
+
+    def _initial_mask(self, layer: _Layer) -> torch.Tensor:
+        return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
+
+    def _new_mask(self, layer, w2, m2, g2, alpha_t):
+        out, fan = m2.shape
+        row_nnz = _row_nnz(m2)
+        k_now = int(row_nnz.max())
+        n_prune = int(alpha_t * int(row_nnz.sum()))
+        aw = w2.abs()
+        ag = g2.abs().float()
+        keep = _drop_smallest(aw, m2, n_prune)
+        grow = _top_mask(torch.where(keep, -1.0, ag), n_prune)
+
+        active = torch.ones(out, dtype=torch.bool, device=m2.device)
+        if self.gamma_sal > 0 and not layer.target.head:
+            salient = _row_nnz(keep | grow)
+            active = salient >= max(1, math.floor(self.gamma_sal * k_now))
+            # Never ablate so many neurons that the fan-in would exceed the dense fan-in: bring back
+            # the most salient ablated ones (lowest index first among ties).
+            need = -(-layer.budget // fan) - _nnz(active)
+            if need > 0:
+                order = torch.sort(torch.where(active, -1, salient), descending=True, stable=True).indices
+                active[order[:need]] = True
+        all_rows = _nnz(active) == out
+        rows = torch.nonzero(active).flatten()
+        k = layer.budget // rows.numel()
+        keep_a = keep if all_rows else keep[rows]
+        c = _row_nnz(keep_a)
+        new_rows = keep_a.clone()
+        # A neuron that kept more than k weights keeps its k largest ...
+        over = torch.nonzero(c > k).flatten()
+        if over.numel():
+            sub = torch.where(keep_a[over], aw[rows[over]], -1.0)
+            new_rows[over] = torch.zeros_like(new_rows[over]).scatter_(1, torch.topk(sub, k, dim=1).indices, True)
+        # ... one with fewer grows its largest dense gradients among its other positions up to k.
+        need = (k - c).clamp(min=0)
+        kk = int(need.max())
+        if kk > 0:
+            score = torch.where(keep_a, -1.0, ag if all_rows else ag[rows])
+            idx = torch.topk(score, kk, dim=1).indices
+            take = torch.arange(kk, device=m2.device)[None, :] < need[:, None]
+            new_rows |= torch.zeros_like(new_rows).scatter_(1, idx, take)
+        if all_rows:
+            return new_rows
+        new = torch.zeros_like(m2)
+        new[rows] = new_rows
+        return new
