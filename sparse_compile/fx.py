@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -42,6 +41,12 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
     graph = tracer.trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def set_submodule(root: nn.Module, target: str, m: nn.Module) -> None:
+    """Put ``m`` at dotted path ``target`` under ``root`` (replacing what is there)."""
+    parent, _, leaf = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, m)
 
 
 def sparse_module_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -22,11 +22,9 @@ def load_target(target: str):
     path = Path(target)
     if path.exists():
         return load_state_dict(path)
-    try:
-        from sparse_compile.models import create_model, list_models
-    except ImportError:
-        list_models = None
-    if list_models is not None and target in list_models():
+    from sparse_compile.models import create_model, list_models
+
+    if target in list_models():
         return create_model(target)
     raise FileNotFoundError(f"{target!r} is neither a file, 'example', nor a registered model name")
 

@@ -6,8 +6,9 @@ replace the public function ``sparse_compile.optimize`` as soon as it is importe
 from .api import optimize  # noqa: E402
 from .config import MODES, OptimizeConfig  # noqa: E402
 from .forms import FORMS, FormHandler, register_form  # noqa: E402
+from .plan import LayerPlan  # noqa: E402
 from .report import LayerReport, OptimizeReport  # noqa: E402
 from .verify import relative_error  # noqa: E402
 
-__all__ = ["optimize", "OptimizeConfig", "MODES", "FORMS", "FormHandler", "register_form", "OptimizeReport",
+__all__ = ["optimize", "OptimizeConfig", "MODES", "FORMS", "FormHandler", "register_form", "LayerPlan", "OptimizeReport",
            "LayerReport", "relative_error"]

@@ -133,9 +133,13 @@ class DecisionCache:
                     pass
             merged.update(self._data)
             fd, tmp = tempfile.mkstemp(dir=str(self.path.parent), prefix=".autotune-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(merged, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f, indent=0, sort_keys=True)
+                os.replace(tmp, self.path)
+            except OSError:
+                os.unlink(tmp)  # a failed write leaves no temporary file behind
+                raise
             self._dirty = False
         except OSError as e:
             warnings.warn(f"sparse_compile: could not write autotune cache {self.path} ({e})")

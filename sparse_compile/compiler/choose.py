@@ -13,12 +13,12 @@ from .cache import timing_key
 from .config import OptimizeConfig
 from .forms import FORMS, _baseline
 from .modules import CondensedConv2d, CondensedLinear, CSRConv2d, CSRLinear
-from .plan import _Slot, _conv_padding, _effective
+from .plan import LayerPlan, _conv_padding, _effective
 from .rewrite import _install, _placed
 from .verify import _default_rtol, relative_error
 
 
-def _candidates(s: _Slot, cfg: OptimizeConfig) -> tuple:
+def _candidates(s: LayerPlan, cfg: OptimizeConfig) -> tuple:
     """(forms to consider, {form: why not}) for a slot in "auto" mode."""
     base = _baseline(s)
     cands, why_not = [base], {}
@@ -42,14 +42,13 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
             s.form, s.reason = "dense", s.reason or "mode 'dense'"
         elif s.mode == "auto":
             cands, why_not = _candidates(s, cfg)
-            s.times = {"_cands": cands, "_why_not": why_not}
+            s.candidates, s.why_not = cands, why_not
             if len(cands) > 1:
                 auto.append(s)
             else:
                 s.form = cands[0]
                 parts = [f"{f}: {w}" for f, w in why_not.items()]
                 s.reason = "only exact form" + (f" ({'; '.join(parts)})" if parts else "")
-                s.times = {}
         else:
             fixed.append(s)
             why = FORMS[s.mode].unavailable(s, cfg)
@@ -107,7 +106,7 @@ def _capture(slot):
     return hook
 
 
-def _timing_params(s: _Slot, form: str, module: nn.Module) -> dict:
+def _timing_params(s: LayerPlan, form: str, module: nn.Module) -> dict:
     e = _effective(s, s.active_only(form)) if form != "dense" else {"weight": s.module.weight, "bias": s.module.bias}
     p = {"kind": s.kind, "weight": list(e["weight"].shape), "bias": e["bias"] is not None,
          "scatter": form == "structured" and s.ablated and not s.out_reduce}
@@ -123,8 +122,8 @@ def _timing_params(s: _Slot, form: str, module: nn.Module) -> dict:
     return p
 
 
-def _autotune_slot(s: _Slot, cfg, dev, dtype, cache, rtol) -> None:
-    cands, why_not = s.times["_cands"], s.times["_why_not"]
+def _autotune_slot(s: LayerPlan, cfg, dev, dtype, cache, rtol) -> None:
+    cands, why_not = s.candidates, s.why_not
     x = s.sample
     base_mod = s.new_module
     with torch.no_grad():

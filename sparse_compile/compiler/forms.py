@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import formats
 from .modules import CondensedConv2d, CondensedLinear, CSRConv2d, CSRLinear, StructuredConv2d, StructuredLinear
-from .plan import _conv_padding, _effective, _grouped
+from .plan import _conv_padding, _grouped
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _build_dense(slot, cfg):
 
 
 def _build_structured(slot, cfg):
-    e = _effective(slot, slot.active_only("structured"))
+    e = slot.effective("structured")
     m = slot.module
     rg = cfg.requires_grad
     if isinstance(m, nn.Conv2d):
@@ -102,7 +102,7 @@ def _build_structured(slot, cfg):
 
 
 def _build_condensed(slot, cfg):
-    e = _effective(slot, slot.active_only("condensed"))
+    e = slot.effective("condensed")
     m = slot.module
     c = formats.to_condensed(e["weight"], e["live"], e["bias"], name=slot.name, pad=True)
     if c.n_active != e["weight"].shape[0]:  # _effective gives every row a live entry
@@ -114,7 +114,7 @@ def _build_condensed(slot, cfg):
 
 
 def _build_csr(slot, cfg):
-    e = _effective(slot, slot.active_only("csr"))
+    e = slot.effective("csr")
     m = slot.module
     csr = formats.to_csr(e["weight"], e["live"], active_only=False, name=slot.name).csr
     if isinstance(m, nn.Conv2d):

@@ -37,7 +37,6 @@ __all__ = [
     "CSRConv2d",
     "ConstantScatter",
     "ExplicitMultiheadAttention",
-    "FORM_MODULES",
     "module_nbytes",
 ]
 
@@ -430,14 +429,6 @@ class ExplicitMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
-
-
-#: form name -> module classes that implement it (used by the report and by ``serialize``).
-FORM_MODULES = {
-    "structured": (StructuredLinear, StructuredConv2d),
-    "condensed": (CondensedLinear, CondensedConv2d),
-    "csr": (CSRLinear, CSRConv2d),
-}
 
 
 def module_nbytes(m: nn.Module) -> int:

@@ -11,14 +11,22 @@ from torch import Tensor, nn
 
 from .. import formats
 from .. import fx as tracing
+from ..fx import set_submodule
 from .config import OptimizeConfig, _mode_for
 from .modules import ExplicitMultiheadAttention
 from .propagate import Reduced
 
 
 @dataclass
-class _Slot:
-    """One Linear / Conv2d of the model and what the pass decided for it."""
+class LayerPlan:
+    """One Linear / Conv2d of the model and what the pass decided for it.
+
+    What a form handler (:func:`~sparse_compile.compiler.forms.register_form`) reads: ``name``,
+    ``module`` (the original layer), ``kind`` ("linear" / "conv2d"), ``mode``, ``info`` (its
+    :class:`~sparse_compile.formats.LayerAnalysis`), ``ablated`` / ``sparse`` / ``changed``, and
+    :meth:`effective` (the weight, mask and bias the form must compute with). The pass fills the
+    rest: ``form``, ``reason``, ``times`` / ``candidates`` / ``why_not`` ("auto"), ``new_module``.
+    """
 
     name: str
     module: nn.Module
@@ -32,7 +40,9 @@ class _Slot:
     in_state: Optional[Reduced] = None
     form: str = "dense"
     reason: str = ""
-    times: dict = field(default_factory=dict)
+    times: dict = field(default_factory=dict)  # form -> microseconds, the forms "auto" timed
+    candidates: list = field(default_factory=list)  # forms "auto" considers (exact ones are timed)
+    why_not: dict = field(default_factory=dict)  # form -> why it is not a candidate (or failed)
     rel_err: Optional[float] = None
     new_module: Optional[nn.Module] = None
     sample: Optional[Tensor] = None
@@ -70,6 +80,13 @@ class _Slot:
         """Whether ``form`` computes only the active rows of this layer."""
         return self.ablated and (self.out_reduce or form == "structured")
 
+    def effective(self, form: str) -> dict:
+        """The layer as ``form`` computes it: ``{"weight", "live", "bias"}`` over its kept input
+        columns (and only its active rows when ``form`` computes only those), the dropped inputs'
+        constant folded into ``bias``. What a :class:`~sparse_compile.compiler.forms.FormHandler`'s
+        ``build`` starts from."""
+        return _effective(self, self.active_only(form))
+
 
 def _conv_padding(m: nn.Conv2d) -> Optional[tuple]:
     """Explicit integer padding of a conv (None when it cannot be expressed symmetrically)."""
@@ -87,7 +104,7 @@ def _conv_padding(m: nn.Conv2d) -> Optional[tuple]:
     return tuple(int(v) for v in p)
 
 
-def _effective(slot: _Slot, active_only: bool) -> dict:
+def _effective(slot: LayerPlan, active_only: bool) -> dict:
     """The layer restricted to its kept input columns (and its active rows when ``active_only``),
     with the bias fold.
 
@@ -135,11 +152,6 @@ def _grouped(slot) -> bool:
     return isinstance(slot.module, nn.Conv2d) and slot.module.groups != 1
 
 
-def _set_submodule(root: nn.Module, target: str, m: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, m)
-
-
 def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list) -> list:
     """Every Linear / Conv2d: graph nodes, then layers inside leaf modules (MHA out-projections)."""
     slots: list = []
@@ -157,7 +169,7 @@ def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list
                 notes.append(f"{name}: kept nn.MultiheadAttention ({why}); its out_proj stays dense")
                 done.add(f"{name}.out_proj")
                 continue
-            _set_submodule(gm, name, ExplicitMultiheadAttention.from_module(m))
+            set_submodule(gm, name, ExplicitMultiheadAttention.from_module(m))
     if traced:
         counts: dict = {}
         for n in gm.graph.nodes:
@@ -167,7 +179,7 @@ def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list
             if n.target in done and counts[n.target] > 1:
                 continue
             tgt = str(n.target)
-            slots.append(_Slot(tgt, gm.get_submodule(tgt), _installer(gm, tgt), node=n, shared=counts[n.target] > 1))
+            slots.append(LayerPlan(tgt, gm.get_submodule(tgt), _installer(gm, tgt), node=n, shared=counts[n.target] > 1))
             done.add(tgt)
     # Layers not called by the graph: inside leaf modules (our explicit attention), or every layer
     # when nothing was traced. A layer inside another torch.nn module (e.g. TransformerEncoderLayer,
@@ -185,16 +197,16 @@ def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list
         if type(parent).__module__.startswith("torch.nn") and not isinstance(parent, containers):
             notes.append(f"{name}: inside {type(parent).__name__}, which may read its weight directly; kept as is")
             continue
-        slots.append(_Slot(name, m, _installer(gm, name)))
+        slots.append(LayerPlan(name, m, _installer(gm, name)))
         seen_ids.add(id(m))
     return slots
 
 
 def _installer(root, target):
-    return lambda m: _set_submodule(root, target, m)
+    return lambda m: set_submodule(root, target, m)
 
 
-def _analyze_slot(s: _Slot, cfg: OptimizeConfig) -> None:
+def _analyze_slot(s: LayerPlan, cfg: OptimizeConfig) -> None:
     s.mode = _mode_for(cfg.mode, s.name)
     w = s.module.weight
     mask = formats.get_mask(s.module)
@@ -218,7 +230,7 @@ def _analyze_slot(s: _Slot, cfg: OptimizeConfig) -> None:
         s.out_reduce = True
 
 
-def _producer_state(s: _Slot) -> Reduced:
+def _producer_state(s: LayerPlan) -> Reduced:
     out = s.info.out_features
     keep = torch.zeros(out, dtype=torch.bool)
     keep[s.info.active_rows] = True
@@ -233,7 +245,7 @@ def _producer_state(s: _Slot) -> Reduced:
     return Reduced(dim, keep, const)
 
 
-def _absorbs(gm, slot: Optional[_Slot], node: fx.Node, st: Reduced) -> Optional[str]:
+def _absorbs(gm, slot: Optional[LayerPlan], node: fx.Node, st: Reduced) -> Optional[str]:
     """None when layer ``slot`` can drop the reduced input columns, else why not."""
     if slot is None:
         return f"{node.target} is not a rewritable layer"

@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fx import set_submodule
 from .modules import ConstantScatter
 
 __all__ = ["Reduced", "Restore", "PropagationResult", "propagate", "ELEMENTWISE_MODULES"]
@@ -80,7 +81,6 @@ class PropagationResult:
 
     absorbed: dict = field(default_factory=dict)  # layer node name -> Reduced (its input)
     restores: list = field(default_factory=list)  # [Restore]
-    bn_sliced: list = field(default_factory=list)  # BatchNorm targets replaced by sliced copies
     useful: set = field(default_factory=set)  # producers whose reduction reached an absorbing layer
 
 
@@ -222,8 +222,7 @@ def _rule_batchnorm(gm, node, x, s: Reduced, res: PropagationResult, uses: dict,
             new.bias = nn.Parameter(m.bias[keep].clone(), m.bias.requires_grad)
         new.running_mean = m.running_mean[keep].clone()
         new.running_var = m.running_var[keep].clone()
-    _set_submodule(gm, node.target, new)
-    res.bn_sliced.append(str(node.target))
+    set_submodule(gm, node.target, new)
     return Reduced(s.dim, s.keep, const, s.origin)
 
 
@@ -333,11 +332,6 @@ def _prod(t) -> int:
     for v in t:
         p *= v
     return p
-
-
-def _set_submodule(gm: nn.Module, target: str, m: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, m)
 
 
 def _classify(gm, node, x: fx.Node):

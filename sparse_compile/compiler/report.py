@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from .modules import module_nbytes
-from .plan import _Slot
+from .plan import LayerPlan
 from .rewrite import _placed
 
 
@@ -129,7 +129,7 @@ class OptimizeReport(list):
     __repr__ = __str__
 
 
-def _layer_report(s: _Slot) -> LayerReport:
+def _layer_report(s: LayerPlan) -> LayerReport:
     info = s.info
     m = s.module
     before = m.weight.numel() * m.weight.element_size() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
@@ -146,7 +146,7 @@ def _layer_report(s: _Slot) -> LayerReport:
         output = "reduced"
     else:
         output = "scatter" if s.needs_scatter else "computed"
-    times = {k: v for k, v in s.times.items() if not k.startswith("_")}
+    times = dict(s.times)
     return LayerReport(
         name=s.name, kind=s.kind, shape=tuple(m.weight.shape), sparsity=round(info.sparsity, 6), fan_in=fan,
         active=info.n_active, ablated=info.n_ablated, inputs_kept=f"{kept_in}/{total_in}", form=s.form,

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from .modules import ConstantScatter
-from .plan import _Slot
+from .plan import LayerPlan
 
 
-def _scatter_for(slot: _Slot) -> ConstantScatter:
+def _scatter_for(slot: LayerPlan) -> ConstantScatter:
     m = slot.module
     out = slot.info.out_features
     fill = torch.zeros(out, dtype=m.weight.dtype, device=m.weight.device)
@@ -20,13 +20,13 @@ def _scatter_for(slot: _Slot) -> ConstantScatter:
     return ConstantScatter(1 if slot.kind == "conv2d" else -1, slot.info.active_rows.to(fill.device), fill)
 
 
-def _placed(slot: _Slot, module: nn.Module, form: Optional[str] = None) -> nn.Module:
+def _placed(slot: LayerPlan, module: nn.Module, form: Optional[str] = None) -> nn.Module:
     """The module to install: ``module``, followed by a scatter when its rows go back in place."""
     if (form or slot.form) == "structured" and slot.ablated and not slot.out_reduce:
         return nn.Sequential(module, _scatter_for(slot))
     return module
 
 
-def _install(s: _Slot) -> None:
+def _install(s: LayerPlan) -> None:
     if s.form != "dense" or s.new_module is not s.module:
         s.install(_placed(s, s.new_module))
