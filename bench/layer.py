@@ -1,4 +1,4 @@
-"""One sparse layer in every form (dense, ablated-dense, structured, condensed, CSR, 2:4, DeepSparse).
+"""One sparse layer in every form (dense, ablated-dense, structured-only, condensed, CSR, 2:4, DeepSparse).
 
     python -m bench.layer                                   # full CPU default (long: see --help)
     python -m bench.layer --layers 768x3072 --sparsities 0.9 --batches 1 8 --threads 1 2

@@ -40,7 +40,7 @@ from sparse_compile.benchmark import (
 )
 
 MODELS = ("vit_b_16", "resnet50", "mobilenet_v3_large")
-MODES = ("dense", "structured", "condensed", "csr", "auto")
+MODES = ("dense", "ablated_dense", "condensed", "csr", "auto")
 
 
 def sparsify(model: torch.nn.Module, name: str, sparsity: float, ablated_fraction: float, seed: int = 0):

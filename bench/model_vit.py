@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--ablated-fraction", type=float, default=0.05)
-    p.add_argument("--mode", default="auto", help="optimize mode (auto, condensed, structured, ...)")
+    p.add_argument("--mode", default="auto", help="optimize mode (auto, condensed, ablated_dense, ...)")
     p.add_argument("--compile", default="default", choices=("none", "default", "max-autotune"))
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--autotune-repeats", type=int, default=5)

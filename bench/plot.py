@@ -18,7 +18,7 @@ from sparse_compile.benchmark import FORM_LABELS, FORMS, read_results
 _COLORS = {
     "dense": "#222222",
     "ablated_dense": "#1f77b4",
-    "structured": "#17becf",
+    "structured_only": "#17becf",
     "condensed": "#d62728",
     "csr": "#2ca02c",
     "semi_structured": "#9467bd",

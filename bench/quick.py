@@ -26,7 +26,7 @@ from sparse_compile.benchmark import (
     write_results,
 )
 
-FORMS = ("dense", "ablated_dense", "structured", "condensed", "csr", "deepsparse")
+FORMS = ("dense", "ablated_dense", "structured_only", "condensed", "csr", "deepsparse")
 
 
 def configs(min_run_time: float = 0.1) -> list:

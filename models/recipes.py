@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from sparse_compile.train.budgets import DISTRIBUTIONS
+
 __all__ = ["Recipe", "RECIPES", "get_recipe", "list_recipes", "METHODS", "OPTIMIZERS", "SCHEDULES", "AUGMENTS"]
 
 METHODS = ("srigl", "rigl", "static", "dense")
@@ -23,7 +25,6 @@ OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 SCHEDULES = ("constant", "multistep", "step", "cosine")
 AUGMENTS = ("none", "cifar", "imagenet-rigl", "imagenet-vit", "imagenet-mobilenet")
 DATASETS = ("digits", "cifar10", "imagenet")
-DISTRIBUTIONS = ("erk", "uniform")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ constant fan-in, or a trained layer from a checkpoint) in each *form*:
 ``dense``              ``F.linear`` with the masked dense weight (the reference).
 ``ablated_dense``      ``F.linear`` with the active rows only, scattered into the full-width output
                        (ablated neurons output their bias): exactly the dense layer's output.
-``structured``         the paper's "structured" row: a *dense* weight (no fine-grained sparsity)
+``structured_only``    the paper's "structured" row: a *dense* weight (no fine-grained sparsity)
                        over the same active neurons, computing only those outputs. It is a
                        different layer (checked against its own reference); it shows what neuron
-                       ablation alone buys. ``ablated_dense`` minus ``structured`` is the scatter.
+                       ablation alone buys. ``ablated_dense`` minus ``structured_only`` is the scatter.
 ``condensed``          ``sparse_compile.kernels.condensed_linear`` on the active rows, scattered.
 ``csr``                ``torch.sparse_csr`` weight times ``x^T`` (all rows; ablated rows empty).
 ``semi_structured``    torch's 2:4 semi-structured sparse weight (CUDA only). Always 50% sparse: a
@@ -168,7 +168,7 @@ def build_form(form: str, lw: LayerWeights, device="cpu", dtype=torch.float32,
             return Form(form, lambda x: F.linear(x, wa, ba), ref, note="no ablated neuron: same as dense")
         return Form(form, lambda x: _scatter_into(F.linear(x, wa, ba), base, rows), ref)
 
-    if form == "structured":
+    if form == "structured_only":
         g = torch.Generator().manual_seed(seed + 1)
         ws = torch.randn(a.n_active, a.fan_in_dense, generator=g) * math.sqrt(2.0 / a.fan_in_dense)
         wfull = torch.zeros(a.out_features, a.fan_in_dense)
@@ -265,7 +265,7 @@ class LayerBenchConfig:
     batches: Optional[Sequence[int]] = None  # CPU 1..64, GPU 1/256/2048
     threads: Optional[Sequence[int]] = None  # CPU: 1 and all cores; GPU: ignored
     dtypes: Optional[Sequence[str]] = None  # CPU fp32; GPU fp32, bf16
-    forms: Sequence[str] = ("dense", "ablated_dense", "structured", "condensed", "csr", "semi_structured", "deepsparse")
+    forms: Sequence[str] = ("dense", "ablated_dense", "structured_only", "condensed", "csr", "semi_structured", "deepsparse")
     device: str = "cpu"
     compile: Optional[str] = None  # "none", "default", "max-autotune"; None: max-autotune
     ablated_fraction: float = 0.1
@@ -401,7 +401,7 @@ def run_layer_bench(config: LayerBenchConfig, progress: bool = True, log=None) -
         "notes": {
             "time": "median_us over blocks of calls; q25_us/q75_us are its quartiles (error bars)",
             "speedup_vs_dense": "dense median / this median, same run, same layer/batch/threads/dtype/compiled",
-            "structured": "paper's 'structured' row: dense weights on the active neurons only, active outputs only",
+            "structured_only": "paper's 'structured' row: dense weights on the active neurons only, active outputs only",
         },
     }
     return {"meta": meta, "rows": rows}

@@ -15,12 +15,12 @@ import torch
 from ..timing import cpu_model
 
 
-FORMS = ("dense", "ablated_dense", "structured", "condensed", "csr", "semi_structured", "deepsparse")
+FORMS = ("dense", "ablated_dense", "structured_only", "condensed", "csr", "semi_structured", "deepsparse")
 
 FORM_LABELS = {
     "dense": "dense",
     "ablated_dense": "ablated-dense",
-    "structured": "structured only",
+    "structured_only": "structured only",
     "condensed": "condensed",
     "csr": "CSR",
     "semi_structured": "2:4 semi-structured",
@@ -162,7 +162,7 @@ def markdown_table(result: dict, layer: Optional[str] = None, sparsity: Optional
     The keyword arguments keep only the matching rows (``None``: all).
 
     Cells are the median time; the last columns are condensed's speedup over dense and over CSR
-    (same run, same variant) and the fastest form that computes the same layer (``structured`` and
+    (same run, same variant) and the fastest form that computes the same layer (``structured_only`` and
     ``semi_structured`` are different layers and never "fastest").
     """
     eager_csr = {(r["layer"], r["sparsity"], r["batch"], r["threads"], r["dtype"]): r for r in result["rows"]

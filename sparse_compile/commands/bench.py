@@ -14,7 +14,7 @@ def register(sub) -> None:
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
     lp = kinds.add_parser(
         "layer",
-        help="one Linear layer: dense, ablated-dense, structured, condensed, CSR, 2:4, DeepSparse; eager and compiled",
+        help="one Linear layer: dense, ablated-dense, structured-only, condensed, CSR, 2:4, DeepSparse; eager and compiled",
         description="Time one sparse Linear layer in every form; write JSON + CSV and print a markdown table. "
                     "Default: ViT-B/16 MLP layers at 50-99% sparsity (a long run: pick a subset for a quick look, "
                     "e.g. --layers 768x3072 --sparsities 0.9 --batches 1 8).",

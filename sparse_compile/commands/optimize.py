@@ -16,7 +16,7 @@ def register(sub) -> None:
     )
     p.add_argument("checkpoint", help="state dict (.safetensors or torch file) of the trained model, masks included")
     p.add_argument("--model", required=True, help="registered model name (see sparse_compile.models.list_models())")
-    p.add_argument("--mode", default="auto", help="auto, dense, structured, condensed or csr (default: auto)")
+    p.add_argument("--mode", default="auto", help="auto, dense, ablated_dense, condensed or csr (default: auto; structured is the old name of ablated_dense)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input 'auto' times with")
     p.add_argument("--device", default="cpu", help="device the result runs on and is timed on (default: cpu)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: read from the head weight)")
@@ -95,9 +95,10 @@ def run(args) -> int:
     from ..checkpoint import load_state_dict
     from ..models import input_shape
     from ..compiler import MODES, optimize
+    from ..compiler.config import DEPRECATED_NAMES
     from ..compiler.serialize import save
 
-    if args.mode not in MODES:
+    if args.mode not in MODES and args.mode not in DEPRECATED_NAMES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -3,12 +3,12 @@
 One entry point, :func:`optimize`, configured by :class:`OptimizeConfig`; the forms are handlers in
 a registry keyed by name (:data:`FORMS`, extend with :func:`register_form`):
 
-========== ===================================================================================
-dense      the original layer, untouched
-structured ablated-dense: a dense layer over the active neurons (and the kept input columns)
-condensed  ``torch.ops.sparse_compile`` condensed matmul / conv over the active neurons
-csr        a ``torch.sparse_csr`` weight over the active neurons
-========== ===================================================================================
+============= ================================================================================
+dense         the original layer, untouched
+ablated_dense a dense layer over the active neurons (and the kept input columns)
+condensed     ``torch.ops.sparse_compile`` condensed matmul / conv over the active neurons
+csr           a ``torch.sparse_csr`` weight over the active neurons
+============= ================================================================================
 
 The pass (FX):
 

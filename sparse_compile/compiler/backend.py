@@ -11,7 +11,7 @@ result to inductor (``torch.compile`` passes ``mode=`` as a keyword and ``option
 
 Options (all optional):
 
-* ``"mode"``: the optimize mode ("auto" by default, or "dense", "structured", "condensed", "csr",
+* ``"mode"``: the optimize mode ("auto" by default, or "dense", "ablated_dense", "condensed", "csr",
   or a dict of layer-name pattern -> mode; names are the model's own, e.g. ``"layer1.0.conv1"``);
 * ``"model"``: the original ``nn.Module``, to read its ``weight_mask`` buffers (Dynamo's graph
   sees only the weights, so without it the sparsity structure is read from zeros: exact, but a

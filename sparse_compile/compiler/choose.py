@@ -25,7 +25,7 @@ def _candidates(s: LayerPlan, cfg: OptimizeConfig) -> tuple:
     if base != "dense" and FORMS["dense"].unavailable(s, cfg) is None:
         cands.append("dense")  # ablated but not reduced: all rows dense may beat active rows + scatter
     for f in cfg.auto_forms:
-        if f == base or f == "structured":
+        if f == base or f == "ablated_dense":
             continue
         why = FORMS[f].unavailable(s, cfg)
         if why:
@@ -54,8 +54,8 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
             why = FORMS[s.mode].unavailable(s, cfg)
             if why is None:
                 s.form, s.reason = s.mode, f"mode {s.mode!r}"
-                if s.mode == "structured" and not s.changed and not s.ablated:
-                    s.form, s.reason = "dense", "no ablated neurons or dropped inputs (structured = dense)"
+                if s.mode == "ablated_dense" and not s.changed and not s.ablated:
+                    s.form, s.reason = "dense", "no ablated neurons or dropped inputs (ablated_dense = dense)"
             else:
                 s.form = _baseline(s)
                 s.reason = f"kept {s.form}: {why}"
@@ -74,7 +74,7 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
             _install(s)
     if not auto:
         return
-    # Provisional structured modules everywhere "auto" decides, to capture each layer's real input.
+    # Provisional ablated-dense modules everywhere "auto" decides, to capture each layer's real input.
     hooks = []
     for s in auto:
         base = FORMS[_baseline(s)].build(s, cfg)
@@ -109,7 +109,7 @@ def _capture(slot):
 def _timing_params(s: LayerPlan, form: str, module: nn.Module) -> dict:
     e = _effective(s, s.active_only(form)) if form != "dense" else {"weight": s.module.weight, "bias": s.module.bias}
     p = {"kind": s.kind, "weight": list(e["weight"].shape), "bias": e["bias"] is not None,
-         "scatter": form == "structured" and s.ablated and not s.out_reduce}
+         "scatter": s.scatters(form)}
     if isinstance(module, (CondensedLinear, CondensedConv2d)):
         p["k"] = module.k
         p["index_dtype"] = str(module.indices.dtype)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
 
 
-MODES = ("auto", "dense", "structured", "condensed", "csr")
+MODES = ("auto", "dense", "ablated_dense", "condensed", "csr")
+#: Old names still accepted (with a FutureWarning) for one release.
+DEPRECATED_NAMES = {"structured": "ablated_dense"}
 
 CONFIG_VERSION = 1
 
@@ -15,11 +18,11 @@ CONFIG_VERSION = 1
 class OptimizeConfig:
     """Everything :func:`optimize` can be told. Serialisable (``to_dict`` / ``from_dict``), versioned.
 
-    mode:            "auto", "dense", "structured", "condensed", "csr", or a dict from layer-name
+    mode:            "auto", "dense", "ablated_dense", "condensed", "csr", or a dict from layer-name
                      pattern (fnmatch, first match wins) to one of those; unmatched layers stay dense.
     device:          where the result runs and "auto" measures (default: the model's device).
-    auto_forms:      forms "auto" may choose besides the layer's dense / structured baseline.
-    min_numel:       layers with fewer weights are not worth a sparse kernel: kept dense / structured.
+    auto_forms:      forms "auto" may choose besides the layer's dense / ablated-dense baseline.
+    min_numel:       layers with fewer weights are not worth a sparse kernel: kept dense / ablated-dense.
     pad_condensed:   in "condensed" mode, pad a non-constant fan-in to its maximum instead of raising.
     max_pad_ratio:   in "auto", also try padded condensed when ``max fan-in * n / nnz`` is at most this.
     repeats, warmup: timing of "auto" (median of ``repeats`` runs after ``warmup`` calls).
@@ -40,7 +43,7 @@ class OptimizeConfig:
 
     mode: Union[str, dict] = "auto"
     device: Optional[str] = None
-    auto_forms: tuple = ("structured", "condensed", "csr")
+    auto_forms: tuple = ("ablated_dense", "condensed", "csr")
     min_numel: int = 2048
     pad_condensed: bool = False
     max_pad_ratio: float = 1.25
@@ -60,6 +63,8 @@ class OptimizeConfig:
     def __post_init__(self):
         from .forms import FORMS  # the registry reads the plan, which reads modes from here
 
+        self.mode = _renamed(self.mode)
+        self.auto_forms = tuple(_renamed(f) for f in self.auto_forms)
         _check_mode(self.mode)
         bad = [f for f in self.auto_forms if f not in FORMS or f == "dense"]
         if bad:
@@ -91,6 +96,18 @@ class OptimizeConfig:
         d.pop("leaf_modules", None)
         d["auto_forms"] = tuple(d.get("auto_forms", cls.auto_forms))
         return cls(**d)
+
+
+def _renamed(mode):
+    """``mode`` (a name, or a dict of pattern -> name) with deprecated names replaced, with a warning."""
+    if isinstance(mode, dict):
+        return {k: _renamed(v) for k, v in mode.items()}
+    if isinstance(mode, str) and mode in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[mode]
+        warnings.warn(f"sparse_compile.optimize: {mode!r} is now called {new!r}; the old name will be removed",
+                      FutureWarning, stacklevel=4)
+        return new
+    return mode
 
 
 def _check_mode(mode) -> None:

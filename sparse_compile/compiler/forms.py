@@ -37,11 +37,11 @@ def register_form(handler: FormHandler) -> FormHandler:
 
 def _dense_unavailable(slot, cfg):
     if slot.changed:
-        return "its input or output is reduced (structured is its dense form)"
+        return "its input or output is reduced (ablated_dense is its dense form)"
     return None
 
 
-def _structured_unavailable(slot, cfg):
+def _ablated_dense_unavailable(slot, cfg):
     if _grouped(slot):
         return f"grouped conv (groups={slot.module.groups}): dropping channels would change its groups"
     return None
@@ -91,8 +91,8 @@ def _build_dense(slot, cfg):
     return slot.module
 
 
-def _build_structured(slot, cfg):
-    e = slot.effective("structured")
+def _build_ablated_dense(slot, cfg):
+    e = slot.effective("ablated_dense")
     m = slot.module
     rg = cfg.requires_grad
     if isinstance(m, nn.Conv2d):
@@ -124,7 +124,7 @@ def _build_csr(slot, cfg):
 
 register_form(FormHandler("dense", _dense_unavailable, _build_dense, "the original layer"))
 
-register_form(FormHandler("structured", _structured_unavailable, _build_structured,
+register_form(FormHandler("ablated_dense", _ablated_dense_unavailable, _build_ablated_dense,
                           "dense over active neurons and kept inputs"))
 
 register_form(FormHandler("condensed", _condensed_unavailable, _build_condensed,
@@ -161,4 +161,4 @@ def _baseline(slot) -> str:
     """The dense-compute form of a layer: the original, or dense over active rows / kept inputs."""
     if _grouped(slot):
         return "dense"
-    return "structured" if (slot.changed or slot.ablated) else "dense"
+    return "ablated_dense" if (slot.changed or slot.ablated) else "dense"

@@ -3,7 +3,7 @@
 Every form computes only the layer's *active* output neurons (ablated neurons output a constant,
 which :class:`ConstantScatter` puts back where the full width is needed):
 
-* :class:`StructuredLinear` / :class:`StructuredConv2d` ("structured"): plain dense layers over the
+* :class:`StructuredLinear` / :class:`StructuredConv2d` (form "ablated_dense"): plain dense layers over the
   active rows (and the kept input columns); subclasses of ``nn.Linear`` / ``nn.Conv2d``, so
   inductor and export treat them exactly like the originals.
 * :class:`CondensedLinear` / :class:`CondensedConv2d` ("condensed"): ``torch.ops.sparse_compile``

@@ -74,11 +74,16 @@ class LayerPlan:
         """Structured computes only the active rows (a dense zero row costs a full fan-in); without
         a reduced output they go back in place. The sparse forms compute the ablated rows instead
         (an empty / zero row is nearly free), so their output needs no scatter."""
-        return self.form == "structured" and self.ablated and not self.out_reduce
+        return self.scatters(self.form)
 
     def active_only(self, form: str) -> bool:
         """Whether ``form`` computes only the active rows of this layer."""
-        return self.ablated and (self.out_reduce or form == "structured")
+        return self.ablated and (self.out_reduce or form == "ablated_dense")
+
+    def scatters(self, form: str) -> bool:
+        """Whether ``form``'s output goes back in place through a scatter: ablated-dense computes
+        only the active rows, and without a reduced output the ablated rows' constants return."""
+        return form == "ablated_dense" and self.ablated and not self.out_reduce
 
     def effective(self, form: str) -> dict:
         """The layer as ``form`` computes it: ``{"weight", "live", "bias"}`` over its kept input

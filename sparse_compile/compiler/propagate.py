@@ -1,4 +1,4 @@
-"""Removal of ablated neurons and its propagation through their consumers (the "structured" pass).
+"""Removal of ablated neurons and its propagation through their consumers (the ablated-dense pass).
 
 An ablated neuron's output is not zero but a constant: its bias, then whatever elementwise ops follow
 (BatchNorm in eval, activations, dropout, pooling). The pass runs over an FX graph in which some

@@ -22,7 +22,7 @@ def _scatter_for(slot: LayerPlan) -> ConstantScatter:
 
 def _placed(slot: LayerPlan, module: nn.Module, form: Optional[str] = None) -> nn.Module:
     """The module to install: ``module``, followed by a scatter when its rows go back in place."""
-    if (form or slot.form) == "structured" and slot.ablated and not slot.out_reduce:
+    if slot.scatters(form or slot.form):
         return nn.Sequential(module, _scatter_for(slot))
     return module
 

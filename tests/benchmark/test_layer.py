@@ -17,7 +17,7 @@ from sparse_compile.benchmark import layer as bench_layer
 from sparse_compile.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
-CPU_FORMS = ("dense", "ablated_dense", "structured", "condensed", "csr")
+CPU_FORMS = ("dense", "ablated_dense", "structured_only", "condensed", "csr")
 
 
 def _load_script(name):

@@ -61,7 +61,7 @@ def test_resnet18_matches():
             dead = ~blk.conv1.weight_mask.flatten(1).any(1)
             blk.bn1.bias[dead] = -3.0
     x = torch.randn(1, 3, 32, 32)
-    c = torch.compile(model, backend="sparse_compile", options={"mode": "structured", "model": model})
+    c = torch.compile(model, backend="sparse_compile", options={"mode": "ablated_dense", "model": model})
     with torch.no_grad():
         assert relative_error(c(x), model(x)) <= RTOL
     rep = {r.name: r for r in B.last_report}

@@ -48,7 +48,7 @@ def test_register_a_form_from_outside():
     x = torch.randn(2, 3, 6, 6)
     sparse_compile.register_form(FormHandler("toy", toy_unavailable, toy_build, "nn.Linear, from a test"))
     try:
-        opt = sparse_compile.optimize(model, (x,), mode="auto", auto_forms=("structured", "toy"), min_numel=1,
+        opt = sparse_compile.optimize(model, (x,), mode="auto", auto_forms=("ablated_dense", "toy"), min_numel=1,
                                       repeats=1, warmup=0, whole_model_check=False)
     finally:
         FORMS.pop("toy")

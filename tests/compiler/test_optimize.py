@@ -15,7 +15,7 @@ from sparse_compile.compiler import modules as L
 from sparse_compile.compiler import FORMS, FormHandler, OptimizeConfig, optimize, register_form, relative_error
 from sparse_models import srigl_init
 
-MODES = ["dense", "structured", "condensed", "csr", "auto"]
+MODES = ["dense", "ablated_dense", "condensed", "csr", "auto"]
 RTOL = 1e-5
 
 
@@ -61,7 +61,7 @@ def test_mlp_every_mode_exact(sparse_mlp, mode):
     x = torch.randn(5, 64)
     opt = check(sparse_mlp, x, mode)
     f = forms(opt)
-    if mode in ("structured", "condensed", "csr"):
+    if mode in ("ablated_dense", "condensed", "csr"):
         assert f["0"] == mode and f["2"] == mode  # big sparse layers really take the form
     if mode == "dense":
         assert set(f.values()) == {"dense"}
@@ -126,7 +126,7 @@ def test_input_model_unchanged(sparse_mlp):
 
 def test_ablated_neurons_propagate_into_next_layer(sparse_mlp):
     x = torch.randn(3, 64)
-    opt = check(sparse_mlp, x, "structured")
+    opt = check(sparse_mlp, x, "ablated_dense")
     rep = {r.name: r for r in opt.sparse_compile_report}
     assert rep["0"].output == "reduced" and rep["0"].ablated > 0
     kept, total = map(int, rep["2"].inputs_kept.split("/"))
@@ -143,7 +143,7 @@ def test_conv_bn_pool_flatten_propagation():
         nn.Flatten(), nn.Linear(32 * 3 * 3, 10),
     ))
     x = torch.randn(2, 3, 8, 8)
-    opt = check(model, x, "structured")
+    opt = check(model, x, "ablated_dense")
     rep = {r.name: r for r in opt.sparse_compile_report}
     assert opt.sparse_compile_report.restores == []
     assert rep["3"].inputs_kept == f"{rep['0'].active}/32"
@@ -163,14 +163,14 @@ def test_padded_conv_with_nonzero_constant_keeps_full_width():
     x = torch.randn(1, 3, 6, 6)
     # Nothing can absorb the reduction, so layer 0 is not reduced at all: structured computes its
     # active channels and scatters them back, the sparse forms compute the constant channels too.
-    rep = {r.name: r for r in check(model, x, "structured").sparse_compile_report}
+    rep = {r.name: r for r in check(model, x, "ablated_dense").sparse_compile_report}
     assert rep["0"].output == "scatter" and rep["2"].inputs_kept == "16/16"
     rep = {r.name: r for r in check(model, x, "condensed", min_numel=0).sparse_compile_report}
     assert rep["0"].output == "computed" and rep["2"].inputs_kept == "16/16"
     # With a zero constant the border is the same everywhere: the channels are dropped for good.
     with torch.no_grad():
         model[0].bias.fill_(-1.0)
-    opt = check(model, x, "structured")
+    opt = check(model, x, "ablated_dense")
     assert opt.sparse_compile_report.restores == []
     assert opt.get_submodule("2").weight.shape[1] == 14
 
@@ -193,21 +193,21 @@ def test_report_is_printable_and_json(sparse_mlp):
             assert layer["form"] in layer["times_us"]
             assert layer["times_us"][layer["form"]] == min(layer["times_us"].values())
     big = [lay for lay in d["layers"] if lay["name"] == "2"][0]
-    assert set(big["times_us"]) == {"structured", "condensed", "csr"}
+    assert set(big["times_us"]) == {"ablated_dense", "condensed", "csr"}
     assert d["bytes_after"] < d["bytes_before"]
     assert d["verify_rel_err"] <= RTOL
 
 
 def test_auto_keeps_only_exact_forms(sparse_mlp):
     def build_wrong(slot, cfg):
-        m = FORMS["structured"].build(slot, cfg)
+        m = FORMS["ablated_dense"].build(slot, cfg)
         with torch.no_grad():
             m.weight.mul_(1.01)
         return m
 
     register_form(FormHandler("wrong", lambda s, c: None, build_wrong, "deliberately inexact"))
     try:
-        opt = check(sparse_mlp, torch.randn(2, 64), "auto", auto_forms=("structured", "condensed", "wrong"))
+        opt = check(sparse_mlp, torch.randn(2, 64), "auto", auto_forms=("ablated_dense", "condensed", "wrong"))
     finally:
         FORMS.pop("wrong")
     for r in opt.sparse_compile_report:
@@ -266,8 +266,8 @@ def test_dense_and_small_layers_are_reported():
         warnings.simplefilter("error")  # dense and tiny layers are kept by design: reported, no warning
         opt = check(model, torch.randn(2, 64), "condensed", min_numel=4096)
     r = {r.name: r for r in opt.sparse_compile_report}
-    assert r["5"].form in ("dense", "structured") and "dense weight" in r["5"].reason
-    assert r["7"].form in ("dense", "structured") and "too small" in r["7"].reason  # 1280 weights
+    assert r["5"].form in ("dense", "ablated_dense") and "dense weight" in r["5"].reason
+    assert r["7"].form in ("dense", "ablated_dense") and "too small" in r["7"].reason  # 1280 weights
 
 
 def test_grouped_conv_is_kept_dense_with_a_warning():
@@ -354,7 +354,7 @@ def test_config_roundtrip_and_validation():
 
 def test_package_attribute_is_the_function(sparse_mlp):
     assert sparse_compile.optimize is optimize
-    opt = sparse_compile.optimize(sparse_mlp, (torch.randn(1, 64),), mode="structured")
+    opt = sparse_compile.optimize(sparse_mlp, (torch.randn(1, 64),), mode="ablated_dense")
     assert hasattr(opt, "sparse_compile_report")
 
 
@@ -375,7 +375,7 @@ def test_compile_max_autotune_fullgraph(which):
         assert relative_error(y, model(x)) <= RTOL
 
 
-@pytest.mark.parametrize("mode", ["condensed", "structured", "csr"])
+@pytest.mark.parametrize("mode", ["condensed", "ablated_dense", "csr"])
 def test_export(sparse_mlp, mode):
     x = torch.randn(3, 64)
     opt = optimize(sparse_mlp, (x,), mode=mode)
@@ -406,7 +406,7 @@ def test_bf16(sparse_mlp):
             assert relative_error(opt(x), ref) <= 1e-2
         opt = optimize(model, (x,), mode="csr")  # CPU torch has no bf16 CSR matmul: kept, with the reason
     r = {r.name: r for r in opt.sparse_compile_report}["2"]
-    assert r.form == "structured" and "no sparse CSR matmul for bfloat16" in r.reason
+    assert r.form == "ablated_dense" and "no sparse CSR matmul for bfloat16" in r.reason
 
 
 def test_corrupt_cache_is_ignored_with_a_warning(sparse_mlp, tmp_path):
@@ -438,7 +438,7 @@ def test_inplace_op_on_a_shared_reduced_tensor():
         model.fc1.weight.mul_(mask)
         model.fc1.bias[[3, 9]] = torch.tensor([0.7, -0.4])
     model.fc1.register_buffer("weight_mask", mask)
-    check(model, torch.randn(4, 32), "structured", min_numel=0)
+    check(model, torch.randn(4, 32), "ablated_dense", min_numel=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,3 +530,15 @@ def test_auto_on_a_clean_model_warns_nothing(sparse_mlp):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimize(sparse_mlp, (torch.randn(2, 64),), mode="auto", repeats=1, warmup=0)
+
+
+def test_structured_is_a_deprecated_name_of_ablated_dense(sparse_mlp):
+    x = torch.randn(2, 64)
+    with pytest.warns(FutureWarning, match="'structured' is now called 'ablated_dense'"):
+        old = optimize(sparse_mlp, (x,), mode="structured")
+    new = optimize(sparse_mlp, (x,), mode="ablated_dense")
+    assert old.sparse_compile_report.forms() == new.sparse_compile_report.forms()
+    assert "ablated_dense" in old.sparse_compile_report.forms().values()
+    with pytest.warns(FutureWarning):
+        cfg = OptimizeConfig(mode={"0": "structured"}, auto_forms=("structured", "csr"))
+    assert cfg.mode == {"0": "ablated_dense"} and cfg.auto_forms == ("ablated_dense", "csr")

@@ -67,7 +67,7 @@ def run(model, x):
     model.eval()
     with torch.no_grad():
         ref = model(x)
-        opt = optimize(model, (x,), mode="structured")
+        opt = optimize(model, (x,), mode="ablated_dense")
         torch.testing.assert_close(opt(x), ref, rtol=1e-5, atol=1e-5)
     return opt.sparse_compile_report
 

@@ -39,7 +39,7 @@ def roundtrip(opt, x, path):
     return back
 
 
-@pytest.mark.parametrize("mode", ["dense", "structured", "condensed", "csr", "auto"])
+@pytest.mark.parametrize("mode", ["dense", "ablated_dense", "condensed", "csr", "auto"])
 def test_mlp_roundtrip_identical(sparse_mlp, mode, tmp_path):
     x = torch.randn(3, 64)
     opt = optimize(sparse_mlp, (x,), mode=mode, repeats=1, warmup=0)
@@ -137,7 +137,7 @@ def test_tampered_shape_mismatch(saved_condensed, tmp_path):
 
 def test_tampered_scatter_and_dense_layers(sparse_mlp, tmp_path):
     x = torch.randn(2, 64)
-    opt = optimize(sparse_mlp, (x,), mode="structured")
+    opt = optimize(sparse_mlp, (x,), mode="ablated_dense")
     path = save(opt, tmp_path / "m.sc")
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
