@@ -232,3 +232,13 @@ def test_package_level_save_load(sparse_mlp, tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), opt(x))
     assert math.isfinite(back.sparse_compile_report.verify_rel_err)
+
+
+def test_files_naming_the_old_module_paths_still_load():
+    # Files saved before the package was split name classes as sparse_compile.layers.<Class>.
+    from sparse_compile.compiler import serialize as S
+
+    assert S._resolve_class("sparse_compile.layers.CondensedLinear", ()) is CondensedLinear
+    assert S._resolve_class("sparse_compile.layers.ConstantScatter", ()) is ConstantScatter
+    with pytest.raises(ValueError, match="cannot resolve"):
+        S._resolve_class("sparse_compile.layers.NoSuchClass", ())
