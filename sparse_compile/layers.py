@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .kernels import validate as _validate
 
 __all__ = [
     "StructuredLinear",
@@ -110,6 +111,9 @@ class CondensedLinear(_CondensedWeights):
         super().__init__(values, indices, bias, requires_grad)
         self.in_features = int(in_features)
         self.out_features = int(values.shape[0])
+        # Scans the indices once (and caches the result on them): forward then checks in O(1).
+        if not (_validate.tracing() or self.indices.device.type == "meta"):
+            _validate.check_fan_in(self.indices, self.in_features, "CondensedLinear", "in_features")
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.condensed_linear(x, self.values, self.indices, self.bias)
@@ -135,6 +139,10 @@ class CondensedConv2d(_CondensedWeights):
         self.stride = _pair(stride)
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
+        kh, kw = self.kernel_size
+        if not (_validate.tracing() or self.indices.device.type == "meta"):
+            _validate.check_fan_in(self.indices, self.in_channels * kh * kw, "CondensedConv2d",
+                                   "in_channels x kernel area")
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.condensed_conv2d(
