@@ -10,16 +10,20 @@ rebuild the model from code that is already installed:
   named by module and name;
 * the optimize report and config, and the example input shapes.
 
-Loading only resolves classes and functions from an allow-list of packages (``torch.nn``, ``torch``
-functions, ``operator``, ``math``, ``torchvision``, ``timm``, ``sparse_compile``; extend with
-``trusted=``), never runs pickled code, and validates before anything runs: every condensed layer
-goes through :meth:`sparse_compile.formats.Condensed.from_tensors`, scatter / CSR indices and every
-layer's shapes are checked, and the graph is run once on fake tensors of the recorded input
-shapes. A corrupted or tampered file raises ``ValueError`` naming the layer and the fault.
+Loading runs nothing the file chose. Every function, tensor method and module class the spec
+names must be on the exact allow-lists of :mod:`sparse_compile.load_policy` (extend with
+``trusted=`` for your own packages), and every name fx writes into the generated ``forward`` must
+be a plain identifier; all of this is checked before the graph is built, so before any of it runs.
+No pickled code is read. Then every condensed layer goes through
+:meth:`sparse_compile.formats.Condensed.from_tensors`, scatter / CSR indices and every layer's shapes
+are checked, direct calls of ``torch.ops.sparse_compile`` ops get the same index checks, and the
+graph is run once on fake tensors of the recorded input shapes. A corrupted or tampered file raises
+``ValueError`` naming the layer and the fault. A SHA-256 of the tensor bytes, written by ``save``,
+detects accidental corruption; it is not an authentication (whoever edits the file can recompute it).
 """
 from __future__ import annotations
 
-import builtins
+import hashlib
 import importlib
 import json
 import math
@@ -32,6 +36,8 @@ from torch import Tensor, nn
 
 from . import __version__
 from .formats import Condensed
+from .kernels import validate as _kvalidate
+from .load_policy import SC_OPS, check_graph_spec, is_identifier_path, resolve_class
 from .layers import (
     CondensedConv2d,
     CondensedLinear,
@@ -47,14 +53,9 @@ FORMAT = "sparse_compile.model"
 FORMAT_VERSION = 1
 META_KEY = "sparse_compile"
 
-_ALLOWED_CLASS_PREFIXES = ("torch.nn.", "torchvision.", "timm.", "sparse_compile.")
-_ALLOWED_FN_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch.fx",
-                       "_operator", "operator", "math", "torchvision", "timm", "sparse_compile")
-_SAFE_BUILTINS = {"getattr", "len", "int", "float", "bool", "slice", "range", "tuple", "list", "max", "min",
-                  "abs", "round", "sum", "all", "any"}
-_DENIED_NAMES = {"load", "save", "exec", "eval", "compile", "open", "system", "popen", "__import__",
-                 "import_module", "hub", "setattr", "delattr", "globals", "locals", "vars", "from_file"}
 _MODULE_INTERNALS = set(vars(nn.Module())) - {"training"}
+# Plain-data attributes must not shadow methods or module machinery (``forward = "..."``).
+_RESERVED_ATTRS = {"forward", "dump_patches", "call_super_init"}
 # Attributes optimize() attaches to its result; stored in the spec's own fields.
 _OWN_ATTRS = {"sparse_compile_report", "sparse_compile_config", "sparse_compile_input_spec"}
 
@@ -155,67 +156,9 @@ def _fn_name(fn) -> str:
     raise ValueError(f"sparse_compile.save: cannot name function {fn!r} for the rebuild spec")
 
 
-def _allowed_module(mod: str, prefixes: Iterable[str]) -> bool:
-    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
-
-
-def _resolve_fn(ref: str, trusted: tuple):
-    if not isinstance(ref, str) or ":" not in ref:
-        raise ValueError(f"sparse_compile.load: bad function reference {ref!r}")
-    mod, name = ref.split(":", 1)
-    if mod == "torch.ops":
-        ns, _, rest = name.partition(".")
-        parts = rest.split(".")
-        if ns not in ("aten", "sparse_compile") or not 1 <= len(parts) <= 2:
-            raise ValueError(f"sparse_compile.load: operator {name!r} is not allowed")
-        obj = getattr(torch.ops, ns)
-        for p in parts:
-            obj = getattr(obj, p)
-        return obj
-    if name in _DENIED_NAMES or (name.startswith("_") and name != "_assert"):
-        raise ValueError(f"sparse_compile.load: function {ref!r} is not allowed")
-    if mod == "builtins":
-        if name not in _SAFE_BUILTINS:
-            raise ValueError(f"sparse_compile.load: builtin {name!r} is not allowed")
-        return getattr(builtins, name)
-    if not _allowed_module(mod, _ALLOWED_FN_MODULES + trusted):
-        raise ValueError(f"sparse_compile.load: functions from {mod!r} are not allowed (trusted= extends the list)")
-    try:
-        obj = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"sparse_compile.load: cannot resolve function {ref!r} ({e})") from None
-    if not callable(obj) or isinstance(obj, type) and issubclass(obj, BaseException):
-        raise ValueError(f"sparse_compile.load: {ref!r} is not a function")
-    return obj
-
-
 def _class_name(m: nn.Module) -> str:
     cls = type(m)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _resolve_class(name: str, trusted: tuple):
-    if not isinstance(name, str) or "." not in name:
-        raise ValueError(f"sparse_compile.load: bad class name {name!r}")
-    if name == "torch.nn.modules.module.Module":
-        return nn.Module
-    if not any(name.startswith(p) for p in _ALLOWED_CLASS_PREFIXES + tuple(t + "." for t in trusted)):
-        raise ValueError(f"sparse_compile.load: class {name!r} is not allowed (trusted= extends the list)")
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        try:
-            for p in parts[i:]:
-                obj = getattr(obj, p)
-        except AttributeError:
-            break
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            return obj
-        break
-    raise ValueError(f"sparse_compile.load: cannot resolve module class {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +271,8 @@ def save(model: nn.Module, path: Union[str, Path], example_inputs=None) -> Path:
             else {"value": _enc(x, "example input")}
             for x in example_inputs
         ]
+    # Detects accidental corruption of tensor bytes; not an authentication (anyone can recompute it).
+    spec["tensor_sha256"] = tensor_checksum(tensors.data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors.data, str(path), metadata={META_KEY: json.dumps(spec)})
@@ -347,11 +292,17 @@ def _build_module(spec: dict, path: str, tensors: dict, trusted: tuple) -> nn.Mo
     where = path or "<root>"
     if not isinstance(spec, dict) or "class" not in spec:
         raise ValueError(f"sparse_compile.load: bad module spec at {where!r}")
-    cls = _resolve_class(spec["class"], trusted)
+    cls = resolve_class(spec["class"], trusted, f"module {where!r}")
     m = cls.__new__(cls)
     nn.Module.__init__(m)
+    for part in ("attrs", "tensor_attrs", "params", "buffers", "children"):
+        if not isinstance(spec.get(part, {}), dict):
+            raise ValueError(f"sparse_compile.load: bad {part} of module {where!r}")
+        for k in spec.get(part, {}):
+            if not is_identifier_path(k, digits=True) or "." in k:
+                raise ValueError(f"sparse_compile.load: bad {part[:-1]} name {k!r} in module {where!r}")
     for k, v in spec.get("attrs", {}).items():
-        if k in _MODULE_INTERNALS or k.startswith("__"):
+        if k in _MODULE_INTERNALS or k in _RESERVED_ATTRS or callable(getattr(cls, k, None)):
             raise ValueError(f"sparse_compile.load: attribute {k!r} of {where!r} is not allowed")
         m.__dict__[k] = _dec(v, where=f"attribute {k!r} of {where!r}")
     for k, key in spec.get("tensor_attrs", {}).items():
@@ -360,6 +311,8 @@ def _build_module(spec: dict, path: str, tensors: dict, trusted: tuple) -> nn.Mo
         if p is None:
             m._parameters[k] = None
         else:
+            if not isinstance(p, dict):
+                raise ValueError(f"sparse_compile.load: bad parameter {k!r} of {where!r}")
             t = _tensor(tensors, p.get("key"), f"{where}.{k}")
             m._parameters[k] = nn.Parameter(t, requires_grad=bool(p.get("requires_grad")) and t.is_floating_point())
     for k, key in spec.get("buffers", {}).items():
@@ -370,21 +323,13 @@ def _build_module(spec: dict, path: str, tensors: dict, trusted: tuple) -> nn.Mo
     return m
 
 
-def _build_graph(nodes: list, trusted: tuple) -> fx.Graph:
+def _build_graph(nodes: list, fns: dict) -> fx.Graph:
+    """The fx graph of an already checked node list (``fns``: node name -> resolved function)."""
     g = fx.Graph()
     env: dict = {}
-    ops = {"placeholder", "get_attr", "call_function", "call_method", "call_module", "output"}
-    for i, n in enumerate(nodes):
-        if not isinstance(n, dict) or n.get("op") not in ops or not isinstance(n.get("name"), str):
-            raise ValueError(f"sparse_compile.load: bad graph node #{i}")
+    for n in nodes:
         where = f"node {n['name']!r}"
-        target = n.get("target")
-        if n["op"] == "call_function":
-            target = _resolve_fn(target, trusted)
-        elif not isinstance(target, str):
-            raise ValueError(f"sparse_compile.load: {where} has a bad target")
-        if n["op"] == "call_method" and (target.startswith("_") or not hasattr(torch.Tensor, target)):
-            raise ValueError(f"sparse_compile.load: {where} calls unknown tensor method {target!r}")
+        target = fns[n["name"]] if n["op"] == "call_function" else n["target"]
         args = _dec(n.get("args", {"__tuple__": []}), env, f"arguments of {where}")
         kwargs = _dec(n.get("kwargs", {"__dict__": {}}), env, f"arguments of {where}")
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
@@ -419,6 +364,11 @@ def _validate_module(name: str, m: nn.Module) -> None:
                f"{n} condensed rows but the layer declares {m.out_features if isinstance(m, CondensedLinear) else m.out_channels}")
         Condensed.from_tensors(m.values.detach(), m.indices, torch.arange(n, dtype=torch.int64), shape,
                                None if m.bias is None else m.bias.detach(), name=name)
+        fan = shape[1] if len(shape) == 2 else shape[1] * shape[2] * shape[3]
+        try:  # also primes the per-tensor cache the kernels' O(1) per-call check reads
+            _kvalidate.check_fan_in(m.indices, fan, f"layer {name!r}")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sparse_compile.load: {e}") from None
         _check(m.bias is None or m.bias.dtype == m.values.dtype, name, "bias dtype differs from values dtype")
     elif isinstance(m, ConstantScatter):
         idx, fill = m.index, m.fill
@@ -468,6 +418,39 @@ def _validate_module(name: str, m: nn.Module) -> None:
         _check(m.in_proj_bias is None or _shape(m.in_proj_bias) == (3 * e,), name, "in_proj_bias shape")
 
 
+def _fan_in_of(x, kernel_size=None) -> int:
+    return int(x.shape[-1]) if kernel_size is None else int(x.shape[1]) * kernel_size[0] * kernel_size[1]
+
+
+def _width_hook(name: str):
+    """Forward pre-hook: the real input width at this layer must cover its indices (the file's
+    declared ``in_features`` is not enough: the indices must fit what the model actually feeds)."""
+    def hook(m, args):
+        x = args[0]
+        ks = m.kernel_size if isinstance(m, CondensedConv2d) else None
+        fan = _fan_in_of(x, ks)
+        declared = m.in_features if ks is None else m.in_channels * ks[0] * ks[1]
+        if fan != declared:
+            raise ValueError(f"layer {name!r} receives a fan-in of {fan} but declares {declared}")
+        _kvalidate.check_fan_in(m.indices, fan, f"layer {name!r}")
+    return hook
+
+
+class _OpCheckInterpreter(fx.Interpreter):
+    """Runs the graph, checking each direct condensed-op call's (real) indices against its (fake)
+    input's width, as the layer check does for condensed modules."""
+
+    def call_function(self, target, args, kwargs):
+        if _fn_ref(target) in SC_OPS and len(args) >= 3:
+            conv = "conv2d" in str(target)
+            ks = None
+            if conv:
+                k = args[4] if len(args) > 4 else kwargs.get("kernel_size", (1, 1))
+                ks = (k, k) if isinstance(k, int) else tuple(k)
+            _kvalidate.check_fan_in(args[2], _fan_in_of(args[0], ks), f"node calling {target}")
+        return super().call_function(target, args, kwargs)
+
+
 def _dry_run(gm: nn.Module, inputs: list) -> None:
     """Run the model once on fake tensors of the recorded input shapes: any shape fault surfaces here."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -483,8 +466,18 @@ def _dry_run(gm: nn.Module, inputs: list) -> None:
                     args.append(torch.empty([int(s) for s in i["shape"]], dtype=dt))
                 else:
                     args.append(_dec(i.get("value")))
-            with torch.no_grad():
-                gm(*args)
+            hooks = [m.register_forward_pre_hook(_width_hook(name)) for name, m in gm.named_modules()
+                     if isinstance(m, (CondensedLinear, CondensedConv2d))]
+            try:
+                with torch.no_grad():
+                    if isinstance(gm, fx.GraphModule) and any(
+                            n.op == "call_function" and _fn_ref(n.target) in SC_OPS for n in gm.graph.nodes):
+                        _OpCheckInterpreter(gm).run(*args)
+                    else:
+                        gm(*args)
+            finally:
+                for h in hooks:
+                    h.remove()
         del mode
     except ValueError as e:
         raise ValueError(f"sparse_compile.load: the model fails on its recorded input shapes: {e}") from None
@@ -498,16 +491,47 @@ def _dry_run(gm: nn.Module, inputs: list) -> None:
 def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check: bool = True) -> nn.Module:
     """Rebuild a model written by :func:`save` (in eval mode unless it was saved in training mode).
 
-    ``trusted`` adds package prefixes whose module classes and functions may be used (by default
-    only torch, torchvision, timm, operator, math and sparse_compile). ``check=False`` skips the
-    fake-tensor shape check (the per-layer index / shape validation always runs).
+    Nothing the file names runs unless it is on the allow-lists of :mod:`sparse_compile.load_policy`
+    (exact functions, tensor methods, module classes of torch.nn, torchvision, timm and
+    sparse_compile); everything is checked before the graph is built or run. ``trusted`` adds
+    packages whose functions and module classes you trust (your own model code). ``check=False``
+    skips the fake-tensor shape check (the per-layer index / shape validation always runs). A bad
+    file raises ``ValueError`` with the reason; a missing one ``FileNotFoundError``.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"sparse_compile.load: no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"sparse_compile.load: {path} is not a file")
     trusted = tuple(trusted)
+    if not all(isinstance(t, str) and is_identifier_path(t) for t in trusted):
+        raise ValueError(f"sparse_compile.load: trusted must be package names, got {trusted!r}")
+    try:
+        return _load(path, device, trusted, check)
+    except ValueError:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise ValueError(f"sparse_compile.load: the rebuild spec in {path} is too deeply nested or too large "
+                         f"({type(e).__name__})") from None
+    except Exception as e:  # any other fault of a malformed spec: say so, as the documented ValueError
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"sparse_compile.load: malformed file {path} ({type(e).__name__}: {msg})") from None
+
+
+def tensor_checksum(tensors: dict) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read(path: Path):
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -528,20 +552,41 @@ def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check
     if spec.get("version") != FORMAT_VERSION:
         raise ValueError(f"sparse_compile.load: file format version {spec.get('version')!r} is not supported "
                          f"(this sparse_compile reads version {FORMAT_VERSION})")
+    want = spec.get("tensor_sha256")
+    if want is not None and tensor_checksum(tensors) != want:
+        raise ValueError(f"sparse_compile.load: the tensors in {path} do not match the file's checksum "
+                         "(the file was corrupted or edited after it was saved)")
+    return spec, tensors
+
+
+def _load(path: Path, device, trusted: tuple, check: bool) -> nn.Module:
+    spec, tensors = _read(path)
+    is_gm = bool(spec.get("graph_module"))
+    # 1. Every name in the graph against the allow-lists, before anything is built.
+    fns = check_graph_spec(spec.get("graph") or [], trusted) if is_gm else {}
+    # 2. The module tree (classes from the allow-list, plain-data attributes; no code runs).
     root = _build_module(spec.get("root"), "", tensors, trusted)
-    if spec.get("graph_module"):
-        graph = _build_graph(spec.get("graph") or [], trusted)
+    for name, m in root.named_modules():
+        _validate_module(name or "<root>", m)
+    if is_gm:
+        graph = _build_graph(spec["graph"], fns)
         for n in graph.nodes:
             if n.op in ("call_module", "get_attr"):
                 try:
-                    root.get_submodule(n.target) if n.op == "call_module" else _get_attr(root, n.target)
+                    obj = root.get_submodule(n.target) if n.op == "call_module" else _get_attr(root, n.target)
                 except (AttributeError, ValueError) as e:
                     raise ValueError(f"sparse_compile.load: node {n.name!r} refers to missing {n.target!r} ({e})") from None
-        model = fx.GraphModule(root, graph, str(spec.get("class_name") or "GraphModule"))
+                if n.op == "get_attr" and not isinstance(obj, (Tensor, nn.Module)):
+                    raise ValueError(f"sparse_compile.load: node {n.name!r} reads {n.target!r}, which is not a tensor")
+            elif n.op == "call_function" and _fn_ref(n.target) in SC_OPS:
+                _validate_op_node(n, root)
+        class_name = spec.get("class_name") or "GraphModule"
+        if not is_identifier_path(class_name) or "." in class_name:
+            raise ValueError(f"sparse_compile.load: bad class name {class_name!r}")
+        # 3. Only now does fx generate (and exec) the forward source: every name in it was checked.
+        model = fx.GraphModule(root, graph, class_name)
     else:
         model = root
-    for name, m in model.named_modules():
-        _validate_module(name or "<root>", m)
     model.train(bool(spec.get("training", False)))
     if spec.get("report") is not None:
         from .compiler import OptimizeReport
@@ -556,6 +601,40 @@ def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check
     if device is not None:
         model.to(device)
     return model
+
+
+def _fn_ref(target) -> str:
+    try:
+        return _fn_name(target)
+    except ValueError:
+        return ""
+
+
+def _validate_op_node(n: fx.Node, root: nn.Module) -> None:
+    """A graph node calling a condensed op directly: its weights must be file tensors, checked like
+    a condensed module's (the op re-checks the indices against the real input width per call)."""
+    where = f"node {n.name!r}"
+    names = ("x", "values", "indices", "bias")
+    args = dict(zip(names, n.args))
+    args.update({k: v for k, v in n.kwargs.items() if k in names})
+    got = {}
+    for k in ("values", "indices", "bias"):
+        a = args.get(k)
+        if k == "bias" and a is None:
+            continue
+        if not (isinstance(a, fx.Node) and a.op == "get_attr"):
+            raise ValueError(f"sparse_compile.load: {where} ({n.target}): {k} must be a tensor stored in the file")
+        got[k] = _get_attr(root, a.target)
+    v, i = got["values"], got["indices"]
+    _check(isinstance(v, Tensor) and v.dim() == 2 and v.is_floating_point(), where, "values must be a 2-D float tensor")
+    _check(isinstance(i, Tensor) and i.shape == v.shape and i.dtype in (torch.int16, torch.int32), where,
+           "indices must be int16/int32 of values' shape")
+    b = got.get("bias")
+    _check(b is None or isinstance(b, Tensor) and tuple(b.shape) == (v.shape[0],), where, "bias shape must be (n,)")
+    try:
+        _kvalidate.index_max(i, where)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sparse_compile.load: {e}") from None
 
 
 def _get_attr(root: nn.Module, target: str):
