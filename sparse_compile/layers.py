@@ -116,6 +116,9 @@ class CondensedLinear(_CondensedWeights):
             _validate.check_fan_in(self.indices, self.in_features, "CondensedLinear", "in_features")
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:  # the dense layer would raise too; never read past x
+            raise ValueError(f"CondensedLinear: input has {x.shape[-1]} features, the layer expects "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
         return kernels.condensed_linear(x, self.values, self.indices, self.bias)
 
     def extra_repr(self) -> str:
@@ -145,6 +148,9 @@ class CondensedConv2d(_CondensedWeights):
                                    "in_channels x kernel area")
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CondensedConv2d: expected input [N, {self.in_channels}, H, W], got shape "
+                             f"{tuple(x.shape)}")
         return kernels.condensed_conv2d(
             x, self.values, self.indices, self.bias, self.kernel_size, self.stride, self.padding, self.dilation
         )
