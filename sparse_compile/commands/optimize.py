@@ -140,14 +140,16 @@ def run(args) -> int:
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     out = Path(args.output) if args.output else ckpt.parent / f"{ckpt.stem}.sc.safetensors"
-    # Checked before the (long) optimize, and never the checkpoint itself.
-    check_output_file(out, inputs=(ckpt,), force=args.force)
+    if out.is_dir() or out.resolve() == ckpt.resolve():
+        check_output_file(out, inputs=(ckpt,), force=args.force)
     if is_saved_model(ckpt):
         raise ValueError(f"{ckpt} is already an optimized model (written by sparse_compile.save); "
                          "optimize takes the trained checkpoint")
     state = load_state_dict(ckpt)
     kw = _builder_kwargs(args)
     model = build_model(args.model, state, args.num_classes, **kw)
+    # Checked before the (long) optimize, and never the checkpoint itself.
+    check_output_file(out, inputs=(ckpt,), force=args.force)
     shape = input_shape(args.model, **kw)
     x = torch.randn(args.batch_size, *shape, device=args.device)
     opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache,
