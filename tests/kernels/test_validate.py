@@ -154,3 +154,18 @@ def test_meta_everything_still_traces():
     v = torch.empty(16, 8, device="meta")
     i = torch.empty(16, 8, dtype=torch.int32, device="meta")
     assert condensed_linear(x, v, i).shape == (2, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+def test_cuda_entries_refuse_out_of_range_indices():
+    res = _run_isolated("""
+        x = torch.randn(1, 64, device="cuda"); v = torch.randn(16, 8, device="cuda")
+        i = torch.randint(0, 64, (16, 8), dtype=torch.int32, device="cuda"); i[0, 0] = 64
+        attempt("wrapper", lambda: condensed_linear(x, v, i))
+        attempt("op", lambda: torch.ops.sparse_compile.condensed_linear(x, v, i, None))
+        xc = torch.randn(1, 2, 6, 6, device="cuda"); ic = torch.randint(0, 18, (5, 6), dtype=torch.int32, device="cuda")
+        ic[0, 0] = 18
+        attempt("conv", lambda: condensed_conv2d(xc, torch.randn(5, 6, device="cuda"), ic, None, 3))
+        torch.cuda.synchronize()
+    """)
+    assert all(r.startswith("ValueError") and "out of range" in r for r in res.values()), res
