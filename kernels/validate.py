@@ -97,3 +97,36 @@ def check_conv2d(x: Tensor, indices: Tensor, kernel_size, op: str = "condensed_c
     c = x.shape[1]
     check_fan_in(indices, c * kernel_size[0] * kernel_size[1], op,
                  f"{c} input channels x kernel {tuple(kernel_size)}")
+
+
+_CSR_ATTR = "_sparse_compile_csr_ok"
+
+
+def check_csr(crow: Tensor, col: Tensor, values: Tensor, n_cols: int, op: str = "csr_mm") -> None:
+    """Raise unless ``(crow, col, values)`` is a valid CSR matrix with ``n_cols`` columns.
+
+    Scans once per (crow, col) version pair, cached on ``col``, as :func:`index_max` does.
+    """
+    key = (id(col), col._version, col.data_ptr(), id(crow), crow._version, crow.data_ptr(), int(n_cols),
+           values.numel())
+    if getattr(col, _CSR_ATTR, None) == key:
+        return
+    if crow.dim() != 1 or col.dim() != 1 or values.dim() != 1 or crow.numel() < 1:
+        raise ValueError(f"{op}: crow_indices, col_indices and values must be 1-D (crow non-empty)")
+    if crow.dtype not in (torch.int32, torch.int64) or col.dtype != crow.dtype:
+        raise TypeError(f"{op}: crow_indices / col_indices must both be int32 or int64")
+    if "meta" in (crow.device.type, col.device.type):
+        raise ValueError(f"{op}: CSR indices on the meta device have no values to check")
+    nnz = values.numel()
+    if col.numel() != nnz:
+        raise ValueError(f"{op}: col_indices has {col.numel()} entries, values {nnz}")
+    c = crow.detach()
+    if int(c[0]) != 0 or int(c[-1]) != nnz or bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"{op}: crow_indices must start at 0, be non-decreasing and end at nnz = {nnz}")
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= n_cols):
+        raise ValueError(f"{op}: column index out of range [0, {n_cols}): min {int(col.min())}, "
+                         f"max {int(col.max())}")
+    try:
+        setattr(col, _CSR_ATTR, key)
+    except (AttributeError, RuntimeError):
+        pass

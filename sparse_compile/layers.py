@@ -172,6 +172,10 @@ def csr_mm(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: in
 def _csr_mm_op(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
     """:func:`csr_mm` as an op over plain tensors, so that ``torch.compile(fullgraph=True)`` and
     ``torch.export`` (which do not take sparse tensors) keep it as one opaque call."""
+    # csr_mm skips torch's invariant checks: a direct call must not hand it arbitrary arrays.
+    _validate.check_csr(crow_indices, col_indices, values, n_cols)
+    if x.dim() != 2 or x.shape[0] != n_cols:
+        raise ValueError(f"csr_mm: x must be [{n_cols}, m], got shape {tuple(x.shape)}")
     return csr_mm(crow_indices, col_indices, values, n_cols, x)
 
 

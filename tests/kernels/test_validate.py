@@ -77,6 +77,27 @@ def test_out_of_range_indices_refused_at_every_entry():
     assert "index 64 is out of range for a fan-in of 64" in res["view"]
 
 
+def test_csr_mm_op_checks_its_arrays():
+    """torch.ops.sparse_compile.csr_mm skips torch's CSR invariant checks, so it checks (once) itself."""
+    res = _run_isolated("""
+        import sparse_compile.layers
+        torch.manual_seed(0)
+        w = (torch.randn(6, 10) * (torch.rand(6, 10) < 0.3)).to_sparse_csr()
+        cr, co, v = w.crow_indices(), w.col_indices(), w.values()
+        x = torch.randn(10, 3)
+        attempt("ok", lambda: torch.ops.sparse_compile.csr_mm(cr, co, v, 10, x))
+        co2 = co.clone(); co2[0] = 10 ** 6
+        attempt("col", lambda: torch.ops.sparse_compile.csr_mm(cr, co2, v, 10, x))
+        cr2 = cr.clone(); cr2[-1] = 10 ** 6
+        attempt("crow", lambda: torch.ops.sparse_compile.csr_mm(cr2, co, v, 10, x))
+        attempt("x", lambda: torch.ops.sparse_compile.csr_mm(cr, co, v, 10, torch.randn(5, 3)))
+    """)
+    assert res["ok"] == "returned (6, 3)"
+    assert "column index out of range [0, 10)" in res["col"]
+    assert "crow_indices must start at 0" in res["crow"]
+    assert "x must be [10, m]" in res["x"]
+
+
 def test_condensed_modules_refuse_wrong_input_width():
     """Reachable without tampering: an optimized layer called with the wrong width / channels."""
     res = _run_isolated("""
