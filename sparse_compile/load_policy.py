@@ -146,13 +146,13 @@ def resolve_function(ref, trusted: tuple = (), where: str = "a node"):
         raise ValueError(f"sparse_compile.load: {where} has a bad function reference {ref!r}")
     if ref in ALLOWED_FUNCTIONS:
         return _import_attr(mod, name, ref)
-    if _under(mod, ("timm",)):
-        obj = _import_attr(mod, name, ref)
-        if any(obj is f for f in _timm_leaf_functions()):
-            return obj
-    elif trusted and _under(mod, trusted):
+    if trusted and _under(mod, trusted):
         obj = _import_attr(mod, name, ref)
         if callable(obj) and not (isinstance(obj, type) and issubclass(obj, BaseException)):
+            return obj
+    elif _under(mod, ("timm",)):
+        obj = _import_attr(mod, name, ref)
+        if any(obj is f for f in _timm_leaf_functions()):
             return obj
     raise ValueError(f"sparse_compile.load: {where} calls {ref!r}, which is not an allowed function "
                      "(pass trusted=('package',) only for code you trust)")
