@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import cpu
+from . import cpu, validate
 from .reference import condensed_conv2d_ref, condensed_linear_ref, dense_weight
 
 __all__ = ["condensed_linear", "condensed_conv2d", "check_linear_args", "check_conv2d_args"]
@@ -104,7 +104,7 @@ def _triton_fn(module: str, name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks (cheap: shapes, dtypes, devices; index ranges are the formats module's job).
+# Argument checks (cheap: shapes, dtypes, devices; index values: validate.py, cached per tensor).
 # ---------------------------------------------------------------------------------------------
 def check_linear_args(x, values, indices, bias, op: str = "condensed_linear") -> None:
     """Raise a clear TypeError/ValueError naming the faulty argument of a condensed linear call."""
@@ -222,6 +222,10 @@ def _triton_op(name: str):
 
 @_triton_op("sparse_compile::condensed_linear")
 def _condensed_linear_op(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    # A direct torch.ops call reaches the kernels without the Python wrapper: check here too.
+    check_linear_args(x, values, indices, bias)
+    if not (validate.tracing() or validate.fast_ok(indices, x.shape[-1])):
+        validate.check_linear(x, indices)
     return _linear_impl(x, values, indices, bias)
 
 
@@ -236,6 +240,9 @@ def _condensed_conv2d_op(
     padding: List[int],
     dilation: List[int],
 ) -> Tensor:
+    ks = check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation)[0]
+    if not (validate.tracing() or validate.fast_ok(indices, x.shape[1] * ks[0] * ks[1])):
+        validate.check_conv2d(x, indices, ks)
     dev = x.device.type
     if dev == "cpu":
         if _cpu_ready():
@@ -359,8 +366,9 @@ def condensed_linear(
     """``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]``.
 
     ``x [..., fan_in]`` (any leading dims, any strides), ``values [n, k]`` of x's dtype (fp32, bf16,
-    fp16, fp64), ``indices [n, k]`` int16/int32 (trusted to lie in ``[0, fan_in)``, as the
-    formats module guarantees), ``bias [n]`` or None. Returns ``[..., n]``. Differentiable w.r.t.
+    fp16, fp64), ``indices [n, k]`` int16/int32 in ``[0, fan_in)`` (checked: scanned once per
+    index tensor and version, then compared with x's width in O(1) per call; int16 only for a
+    fan-in up to 32768), ``bias [n]`` or None. Returns ``[..., n]``. Differentiable w.r.t.
     x, values and bias. Calls ``torch.ops.sparse_compile.condensed_linear``.
     """
     if not _linear_args_ok(x, values, indices, bias):
@@ -368,6 +376,9 @@ def condensed_linear(
         raise ValueError(
             f"condensed_linear: k = {values.shape[1]} exceeds x's fan-in {x.shape[-1]}"
         )
+    # O(1) once the indices were scanned; dynamo must not trace it (values are data-dependent).
+    if not (_is_compiling() or validate.fast_ok(indices, x.shape[-1])):
+        validate.check_linear(x, indices)
     if _plain_eager(x, values, bias):
         dev = x.device.type
         if dev == "cpu" and _CPU_OP is not None:
@@ -397,6 +408,8 @@ def condensed_conv2d(
     ``[N, n, Ho, Wo]``. Calls ``torch.ops.sparse_compile.condensed_conv2d``.
     """
     ks, st, pd, dl = check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation)
+    if not (_is_compiling() or validate.fast_ok(indices, x.shape[1] * ks[0] * ks[1])):
+        validate.check_conv2d(x, indices, ks)
     if _plain_eager(x, values, bias):
         dev = x.device.type
         if dev == "cpu" and _CPU_OP is not None:

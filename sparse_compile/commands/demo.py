@@ -35,6 +35,10 @@ def run(args) -> int:
         return 1
     if args.threads < 1 or args.rounds < 1 or (args.epochs is not None and args.epochs < 1):
         raise ValueError("--threads, --rounds and --epochs must be >= 1")
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; --out names the demo's output folder")
     run_demo(out=args.out, epochs=args.epochs, sparsity=args.sparsity, rounds=args.rounds, threads=args.threads,
              seed=args.seed, progress=not args.no_progress)
     return 0

@@ -28,7 +28,9 @@ def register(sub) -> None:
     p.add_argument("--no-whole-model-check", action="store_true",
                    help="in 'auto', keep the per-layer choices even if the whole model would run faster "
                         "with its original layers")
-    p.add_argument("-o", "--output", default=None, help="output file (default: CHECKPOINT stem + '.sc.safetensors')")
+    p.add_argument("-o", "--output", default=None, help="output file (default: CHECKPOINT stem + '.sc.safetensors'); "
+                                                       "never the checkpoint itself")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -57,21 +59,45 @@ def _head_name(model) -> str:
     return names[-1]
 
 
+def _create(name: str, kw: dict, **extra):
+    """``create_model`` with a clear error for a builder argument the model does not take."""
+    import inspect
+
+    from sparse_compile.models import create_model
+
+    try:
+        return create_model(name, **extra, **kw)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        bad = str(e).split("argument", 1)[1].strip(" '\"")
+        try:
+            from sparse_compile.models import model_spec
+
+            params = sorted(p for p in inspect.signature(model_spec(name).builder).parameters
+                            if p != "num_classes")
+        except Exception:  # the listing is a courtesy; the error stands without it
+            params = []
+        known = f" (it takes: {', '.join(params)})" if params else ""
+        raise ValueError(f"--model-arg {bad}: model {name!r} has no such argument{known}") from None
+
+
 def build_model(name: str, state: dict, num_classes=None, **kw):
     """The registered model ``name`` with ``state`` loaded; masks (``*.weight_mask``) become buffers.
 
     ``num_classes`` defaults to the head weight's output size in ``state``.
     """
-    from sparse_compile.models import create_model
-
-    model = create_model(name, **kw)
+    model = _create(name, kw)
+    head = _head_name(model)
+    w = state.get(f"{head}.weight")
+    if w is None:
+        raise ValueError(f"checkpoint has no '{head}.weight' (the head of {name!r}); is it a {name} checkpoint?")
     if num_classes is None:
-        head = _head_name(model)
-        w = state.get(f"{head}.weight")
-        if w is None:
-            raise ValueError(f"checkpoint has no '{head}.weight' (the head of {name!r}); is it a {name} checkpoint?")
         num_classes = int(w.shape[0])
-    model = create_model(name, num_classes=num_classes, **kw)
+    elif num_classes != int(w.shape[0]):
+        raise ValueError(f"--num-classes {num_classes} does not fit the checkpoint: its head '{head}' has "
+                         f"{int(w.shape[0])} outputs")
+    model = _create(name, kw, num_classes=num_classes)
     for key, t in state.items():
         if key.endswith(".weight_mask"):
             mod_name = key[: -len(".weight_mask")]
@@ -80,7 +106,12 @@ def build_model(name: str, state: dict, num_classes=None, **kw):
             except AttributeError:
                 raise ValueError(f"checkpoint mask {key!r} has no layer {mod_name!r} in model {name!r}") from None
             mod.register_buffer("weight_mask", t.bool().clone())
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatches: name the first one
+        detail = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"checkpoint does not fit model {name!r}{kw and f' with {kw}' or ''}: "
+                         f"{detail[0] if detail else str(e).splitlines()[0]}") from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not fit model {name!r}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
@@ -92,8 +123,9 @@ def run(args) -> int:
     """Load, optimize, print the report, save."""
     import torch
 
-    from ..checkpoint import load_state_dict
+    from ..checkpoint import is_saved_model, load_state_dict
     from ..models import input_shape
+    from ._common import check_output_file, parse_device
     from ..compiler import MODES, optimize
     from ..compiler.config import DEPRECATED_NAMES
     from ..compiler.serialize import save
@@ -102,16 +134,28 @@ def run(args) -> int:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    state = load_state_dict(args.checkpoint)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    parse_device(args.device)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    out = Path(args.output) if args.output else ckpt.parent / f"{ckpt.stem}.sc.safetensors"
+    if out.is_dir() or out.resolve() == ckpt.resolve():
+        check_output_file(out, inputs=(ckpt,), force=args.force)
+    if is_saved_model(ckpt):
+        raise ValueError(f"{ckpt} is already an optimized model (written by sparse_compile.save); "
+                         "optimize takes the trained checkpoint")
+    state = load_state_dict(ckpt)
     kw = _builder_kwargs(args)
     model = build_model(args.model, state, args.num_classes, **kw)
+    # Checked before the (long) optimize, and never the checkpoint itself.
+    check_output_file(out, inputs=(ckpt,), force=args.force)
     shape = input_shape(args.model, **kw)
     x = torch.randn(args.batch_size, *shape, device=args.device)
     opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache,
                    whole_model_check=not args.no_whole_model_check)
     rep = opt.sparse_compile_report
-    ckpt = Path(args.checkpoint)
-    out = Path(args.output) if args.output else ckpt.parent / f"{ckpt.stem}.sc.safetensors"
     save(opt, out)
     if args.json:
         print(json.dumps({**rep.to_dict(), "output": str(out)}, indent=2))

@@ -70,7 +70,10 @@ def run(args) -> int:
     base, seed = args.recipe, args.seed
     ckpt = Path(args.out) / "checkpoint.pt" if args.out else None
     if args.resume and ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated / foreign file
+            raise ValueError(f"--resume: {ckpt} is not a readable training checkpoint ({type(e).__name__})") from None
         seed = saved["seed"] if seed is None else seed
         base = Recipe.from_dict(saved["recipe"]) if base is None else base
     if base is None:
@@ -83,6 +86,12 @@ def run(args) -> int:
         return 0
     if not args.out:
         raise ValueError("--out DIR is required")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; --out names the run's folder")
+    if args.device != "auto":
+        from ._common import parse_device
+
+        parse_device(args.device)
     rank = _dist()[0]
     if rank == 0:
         print(f"recipe {recipe.name} ({recipe.source}): {recipe.model} on {recipe.dataset}, {recipe.method} at "

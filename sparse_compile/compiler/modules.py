@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
+from ..kernels import validate as _validate
 
 __all__ = [
     "StructuredLinear",
@@ -109,8 +110,14 @@ class CondensedLinear(_CondensedWeights):
         super().__init__(values, indices, bias, requires_grad)
         self.in_features = int(in_features)
         self.out_features = int(values.shape[0])
+        # Scans the indices once (and caches the result on them): forward then checks in O(1).
+        if not (_validate.tracing() or self.indices.device.type == "meta"):
+            _validate.check_fan_in(self.indices, self.in_features, "CondensedLinear", "in_features")
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:  # the dense layer would raise too; never read past x
+            raise ValueError(f"CondensedLinear: input has {x.shape[-1]} features, the layer expects "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
         return kernels.condensed_linear(x, self.values, self.indices, self.bias)
 
     def extra_repr(self) -> str:
@@ -134,8 +141,15 @@ class CondensedConv2d(_CondensedWeights):
         self.stride = _pair(stride)
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
+        kh, kw = self.kernel_size
+        if not (_validate.tracing() or self.indices.device.type == "meta"):
+            _validate.check_fan_in(self.indices, self.in_channels * kh * kw, "CondensedConv2d",
+                                   "in_channels x kernel area")
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CondensedConv2d: expected input [N, {self.in_channels}, H, W], got shape "
+                             f"{tuple(x.shape)}")
         return kernels.condensed_conv2d(
             x, self.values, self.indices, self.bias, self.kernel_size, self.stride, self.padding, self.dilation
         )
@@ -157,6 +171,10 @@ def csr_mm(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: in
 def _csr_mm_op(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
     """:func:`csr_mm` as an op over plain tensors, so that ``torch.compile(fullgraph=True)`` and
     ``torch.export`` (which do not take sparse tensors) keep it as one opaque call."""
+    # csr_mm skips torch's invariant checks: a direct call must not hand it arbitrary arrays.
+    _validate.check_csr(crow_indices, col_indices, values, n_cols)
+    if x.dim() != 2 or x.shape[0] != n_cols:
+        raise ValueError(f"csr_mm: x must be [{n_cols}, m], got shape {tuple(x.shape)}")
     return csr_mm(crow_indices, col_indices, values, n_cols, x)
 
 

@@ -10,16 +10,20 @@ rebuild the model from code that is already installed:
   named by module and name;
 * the optimize report and config, and the example input shapes.
 
-Loading only resolves classes and functions from an allow-list of packages (``torch.nn``, ``torch``
-functions, ``operator``, ``math``, ``torchvision``, ``timm``, ``sparse_compile``; extend with
-``trusted=``), never runs pickled code, and validates before anything runs: every condensed layer
-goes through :meth:`sparse_compile.formats.Condensed.from_tensors`, scatter / CSR indices and every
-layer's shapes are checked, and the graph is run once on fake tensors of the recorded input
-shapes. A corrupted or tampered file raises ``ValueError`` naming the layer and the fault.
+Loading runs nothing the file chose. Every function, tensor method and module class the spec
+names must be on the exact allow-lists of :mod:`sparse_compile.compiler.load_policy` (extend with
+``trusted=`` for your own packages), and every name fx writes into the generated ``forward`` must
+be a plain identifier; all of this is checked before the graph is built, so before any of it runs.
+No pickled code is read. Then every condensed layer goes through
+:meth:`sparse_compile.formats.Condensed.from_tensors`, scatter / CSR indices and every layer's shapes
+are checked, direct calls of ``torch.ops.sparse_compile`` ops get the same index checks, and the
+graph is run once on fake tensors of the recorded input shapes. A corrupted or tampered file raises
+``ValueError`` naming the layer and the fault. A SHA-256 of the tensor bytes, written by ``save``,
+detects accidental corruption; it is not an authentication (whoever edits the file can recompute it).
 """
 from __future__ import annotations
 
-import builtins
+import hashlib
 import importlib
 import json
 import math
@@ -31,15 +35,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .. import __version__
-from ..formats import Condensed
-from .modules import (
-    CondensedConv2d,
-    CondensedLinear,
-    ConstantScatter,
-    CSRConv2d,
-    CSRLinear,
-    ExplicitMultiheadAttention,
-)
+from .load_checks import dry_run, get_attr, is_sc_op, validate_module, validate_op_node
+from .load_policy import check_graph_spec, is_identifier_path, resolve_class
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -47,14 +44,9 @@ FORMAT = "sparse_compile.model"
 FORMAT_VERSION = 1
 META_KEY = "sparse_compile"
 
-_ALLOWED_CLASS_PREFIXES = ("torch.nn.", "torchvision.", "timm.", "sparse_compile.")
-_ALLOWED_FN_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch.fx",
-                       "_operator", "operator", "math", "torchvision", "timm", "sparse_compile")
-_SAFE_BUILTINS = {"getattr", "len", "int", "float", "bool", "slice", "range", "tuple", "list", "max", "min",
-                  "abs", "round", "sum", "all", "any"}
-_DENIED_NAMES = {"load", "save", "exec", "eval", "compile", "open", "system", "popen", "__import__",
-                 "import_module", "hub", "setattr", "delattr", "globals", "locals", "vars", "from_file"}
 _MODULE_INTERNALS = set(vars(nn.Module())) - {"training"}
+# Plain-data attributes must not shadow methods or module machinery (``forward = "..."``).
+_RESERVED_ATTRS = {"forward", "dump_patches", "call_super_init"}
 # Attributes optimize() attaches to its result; stored in the spec's own fields.
 _OWN_ATTRS = {"sparse_compile_report", "sparse_compile_config", "sparse_compile_input_spec"}
 
@@ -155,87 +147,9 @@ def _fn_name(fn) -> str:
     raise ValueError(f"sparse_compile.save: cannot name function {fn!r} for the rebuild spec")
 
 
-# Modules that moved when the package was split into subpackages: files saved before still load.
-_MOVED_MODULES = {
-    "sparse_compile.layers": "sparse_compile.compiler.modules",
-    "sparse_compile.structured": "sparse_compile.compiler.propagate",
-    "sparse_compile.tracing": "sparse_compile.fx",
-}
-
-
-def _moved(name: str) -> str:
-    """``name`` (a dotted class or module path) at its current place."""
-    for old, new in _MOVED_MODULES.items():
-        if name.startswith(old + ".") and old != new:
-            return new + name[len(old):]
-        if name == old:
-            return new
-    return name
-
-
-def _allowed_module(mod: str, prefixes: Iterable[str]) -> bool:
-    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
-
-
-def _resolve_fn(ref: str, trusted: tuple):
-    if not isinstance(ref, str) or ":" not in ref:
-        raise ValueError(f"sparse_compile.load: bad function reference {ref!r}")
-    mod, name = ref.split(":", 1)
-    mod = _moved(mod)
-    if mod == "torch.ops":
-        ns, _, rest = name.partition(".")
-        parts = rest.split(".")
-        if ns not in ("aten", "sparse_compile") or not 1 <= len(parts) <= 2:
-            raise ValueError(f"sparse_compile.load: operator {name!r} is not allowed")
-        obj = getattr(torch.ops, ns)
-        for p in parts:
-            obj = getattr(obj, p)
-        return obj
-    if name in _DENIED_NAMES or (name.startswith("_") and name != "_assert"):
-        raise ValueError(f"sparse_compile.load: function {ref!r} is not allowed")
-    if mod == "builtins":
-        if name not in _SAFE_BUILTINS:
-            raise ValueError(f"sparse_compile.load: builtin {name!r} is not allowed")
-        return getattr(builtins, name)
-    if not _allowed_module(mod, _ALLOWED_FN_MODULES + trusted):
-        raise ValueError(f"sparse_compile.load: functions from {mod!r} are not allowed (trusted= extends the list)")
-    try:
-        obj = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"sparse_compile.load: cannot resolve function {ref!r} ({e})") from None
-    if not callable(obj) or isinstance(obj, type) and issubclass(obj, BaseException):
-        raise ValueError(f"sparse_compile.load: {ref!r} is not a function")
-    return obj
-
-
 def _class_name(m: nn.Module) -> str:
     cls = type(m)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _resolve_class(name: str, trusted: tuple):
-    if not isinstance(name, str) or "." not in name:
-        raise ValueError(f"sparse_compile.load: bad class name {name!r}")
-    if name == "torch.nn.modules.module.Module":
-        return nn.Module
-    name = _moved(name)
-    if not any(name.startswith(p) for p in _ALLOWED_CLASS_PREFIXES + tuple(t + "." for t in trusted)):
-        raise ValueError(f"sparse_compile.load: class {name!r} is not allowed (trusted= extends the list)")
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        try:
-            for p in parts[i:]:
-                obj = getattr(obj, p)
-        except AttributeError:
-            break
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            return obj
-        break
-    raise ValueError(f"sparse_compile.load: cannot resolve module class {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +262,8 @@ def save(model: nn.Module, path: Union[str, Path], example_inputs=None) -> Path:
             else {"value": _enc(x, "example input")}
             for x in example_inputs
         ]
+    # Detects accidental corruption of tensor bytes; not an authentication (anyone can recompute it).
+    spec["tensor_sha256"] = tensor_checksum(tensors.data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors.data, str(path), metadata={META_KEY: json.dumps(spec)})
@@ -367,11 +283,17 @@ def _build_module(spec: dict, path: str, tensors: dict, trusted: tuple) -> nn.Mo
     where = path or "<root>"
     if not isinstance(spec, dict) or "class" not in spec:
         raise ValueError(f"sparse_compile.load: bad module spec at {where!r}")
-    cls = _resolve_class(spec["class"], trusted)
+    cls = resolve_class(spec["class"], trusted, f"module {where!r}")
     m = cls.__new__(cls)
     nn.Module.__init__(m)
+    for part in ("attrs", "tensor_attrs", "params", "buffers", "children"):
+        if not isinstance(spec.get(part, {}), dict):
+            raise ValueError(f"sparse_compile.load: bad {part} of module {where!r}")
+        for k in spec.get(part, {}):
+            if not is_identifier_path(k, digits=True) or "." in k:
+                raise ValueError(f"sparse_compile.load: bad {part[:-1]} name {k!r} in module {where!r}")
     for k, v in spec.get("attrs", {}).items():
-        if k in _MODULE_INTERNALS or k.startswith("__"):
+        if k in _MODULE_INTERNALS or k in _RESERVED_ATTRS or callable(getattr(cls, k, None)):
             raise ValueError(f"sparse_compile.load: attribute {k!r} of {where!r} is not allowed")
         m.__dict__[k] = _dec(v, where=f"attribute {k!r} of {where!r}")
     for k, key in spec.get("tensor_attrs", {}).items():
@@ -380,6 +302,8 @@ def _build_module(spec: dict, path: str, tensors: dict, trusted: tuple) -> nn.Mo
         if p is None:
             m._parameters[k] = None
         else:
+            if not isinstance(p, dict):
+                raise ValueError(f"sparse_compile.load: bad parameter {k!r} of {where!r}")
             t = _tensor(tensors, p.get("key"), f"{where}.{k}")
             m._parameters[k] = nn.Parameter(t, requires_grad=bool(p.get("requires_grad")) and t.is_floating_point())
     for k, key in spec.get("buffers", {}).items():
@@ -390,21 +314,13 @@ def _build_module(spec: dict, path: str, tensors: dict, trusted: tuple) -> nn.Mo
     return m
 
 
-def _build_graph(nodes: list, trusted: tuple) -> fx.Graph:
+def _build_graph(nodes: list, fns: dict) -> fx.Graph:
+    """The fx graph of an already checked node list (``fns``: node name -> resolved function)."""
     g = fx.Graph()
     env: dict = {}
-    ops = {"placeholder", "get_attr", "call_function", "call_method", "call_module", "output"}
-    for i, n in enumerate(nodes):
-        if not isinstance(n, dict) or n.get("op") not in ops or not isinstance(n.get("name"), str):
-            raise ValueError(f"sparse_compile.load: bad graph node #{i}")
+    for n in nodes:
         where = f"node {n['name']!r}"
-        target = n.get("target")
-        if n["op"] == "call_function":
-            target = _resolve_fn(target, trusted)
-        elif not isinstance(target, str):
-            raise ValueError(f"sparse_compile.load: {where} has a bad target")
-        if n["op"] == "call_method" and (target.startswith("_") or not hasattr(torch.Tensor, target)):
-            raise ValueError(f"sparse_compile.load: {where} calls unknown tensor method {target!r}")
+        target = fns[n["name"]] if n["op"] == "call_function" else n["target"]
         args = _dec(n.get("args", {"__tuple__": []}), env, f"arguments of {where}")
         kwargs = _dec(n.get("kwargs", {"__dict__": {}}), env, f"arguments of {where}")
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
@@ -417,117 +333,50 @@ def _build_graph(nodes: list, trusted: tuple) -> fx.Graph:
     return g
 
 
-def _check(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"sparse_compile.load: layer {where!r}: {msg}")
-
-
-def _shape(t) -> tuple:
-    return tuple(t.shape) if isinstance(t, Tensor) else None
-
-
-def _validate_module(name: str, m: nn.Module) -> None:
-    """Structural checks of one module's tensors against its attributes (raise ValueError)."""
-    if isinstance(m, (CondensedLinear, CondensedConv2d)):
-        n = m.values.shape[0] if m.values.dim() >= 1 else -1
-        if isinstance(m, CondensedLinear):
-            shape = (n, int(m.in_features))
-        else:
-            shape = (n, int(m.in_channels), *m.kernel_size)
-        _check(m.values.dim() == 2, name, f"values must be 2-D, got shape {_shape(m.values)}")
-        _check(int(m.out_features if isinstance(m, CondensedLinear) else m.out_channels) == n, name,
-               f"{n} condensed rows but the layer declares {m.out_features if isinstance(m, CondensedLinear) else m.out_channels}")
-        Condensed.from_tensors(m.values.detach(), m.indices, torch.arange(n, dtype=torch.int64), shape,
-                               None if m.bias is None else m.bias.detach(), name=name)
-        _check(m.bias is None or m.bias.dtype == m.values.dtype, name, "bias dtype differs from values dtype")
-    elif isinstance(m, ConstantScatter):
-        idx, fill = m.index, m.fill
-        _check(idx.dtype == torch.int64 and idx.dim() == 1, name, f"index must be 1-D int64, got {idx.dtype} {_shape(idx)}")
-        _check(fill.dim() == 1, name, f"fill must be 1-D, got shape {_shape(fill)}")
-        if idx.numel():
-            _check(int(idx.min()) >= 0 and int(idx.max()) < fill.numel(), name,
-                   f"index out of range [0, {fill.numel()}): min {int(idx.min())}, max {int(idx.max())}")
-            _check(bool((idx[1:] > idx[:-1]).all()), name, "index must be strictly increasing")
-    elif isinstance(m, (CSRLinear, CSRConv2d)):
-        crow, col, val = m.crow_indices, m.col_indices, m.values
-        _check(crow.dim() == 1 and crow.numel() == m.n_rows + 1, name,
-               f"crow_indices has shape {_shape(crow)}, expected ({m.n_rows + 1},)")
-        _check(crow.dtype in (torch.int32, torch.int64) and col.dtype == crow.dtype, name, "CSR index dtypes must match (int32/int64)")
-        _check(col.dim() == 1 and val.dim() == 1 and col.numel() == val.numel(), name, "col_indices / values shapes differ")
-        _check(int(crow[0]) == 0 and int(crow[-1]) == val.numel() and bool((crow[1:] >= crow[:-1]).all()), name,
-               "crow_indices must start at 0, be non-decreasing and end at nnz")
-        if col.numel():
-            _check(int(col.min()) >= 0 and int(col.max()) < m.n_cols, name,
-                   f"column index out of range [0, {m.n_cols}): min {int(col.min())}, max {int(col.max())}")
-        fan = m.in_features if isinstance(m, CSRLinear) else m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-        _check(m.n_cols == fan, name, f"{m.n_cols} CSR columns but the layer's fan-in is {fan}")
-        _check(m.bias is None or _shape(m.bias) == (m.n_rows,), name, f"bias shape {_shape(m.bias)} != ({m.n_rows},)")
-    elif isinstance(m, nn.Linear):
-        _check(_shape(m.weight) == (m.out_features, m.in_features), name,
-               f"weight shape {_shape(m.weight)} != ({m.out_features}, {m.in_features})")
-        _check(m.bias is None or _shape(m.bias) == (m.out_features,), name, f"bias shape {_shape(m.bias)}")
-    elif isinstance(m, nn.Conv2d):
-        exp = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
-        _check(_shape(m.weight) == exp, name, f"weight shape {_shape(m.weight)} != {exp}")
-        _check(m.bias is None or _shape(m.bias) == (m.out_channels,), name, f"bias shape {_shape(m.bias)}")
-    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-        c = (m.num_features,)
-        for t in ("weight", "bias", "running_mean", "running_var"):
-            v = getattr(m, t, None)
-            _check(v is None or _shape(v) == c, name, f"{t} shape {_shape(v)} != {c}")
-    elif isinstance(m, nn.LayerNorm):
-        for t in ("weight", "bias"):
-            v = getattr(m, t, None)
-            _check(v is None or _shape(v) == tuple(m.normalized_shape), name,
-                   f"{t} shape {_shape(v)} != {tuple(m.normalized_shape)}")
-    elif isinstance(m, ExplicitMultiheadAttention):
-        e = m.embed_dim
-        _check(m.num_heads > 0 and e % m.num_heads == 0, name, "embed_dim must divide into num_heads")
-        if m.same_embed_dim:
-            _check(_shape(m.in_proj_weight) == (3 * e, e), name, f"in_proj_weight shape {_shape(m.in_proj_weight)}")
-        _check(m.in_proj_bias is None or _shape(m.in_proj_bias) == (3 * e,), name, "in_proj_bias shape")
-
-
-def _dry_run(gm: nn.Module, inputs: list) -> None:
-    """Run the model once on fake tensors of the recorded input shapes: any shape fault surfaces here."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            args = []
-            for i in inputs:
-                if "shape" in i:
-                    dt = getattr(torch, str(i["dtype"]), None)
-                    if not isinstance(dt, torch.dtype):
-                        raise ValueError(f"bad example input dtype {i['dtype']!r}")
-                    args.append(torch.empty([int(s) for s in i["shape"]], dtype=dt))
-                else:
-                    args.append(_dec(i.get("value")))
-            with torch.no_grad():
-                gm(*args)
-        del mode
-    except ValueError as e:
-        raise ValueError(f"sparse_compile.load: the model fails on its recorded input shapes: {e}") from None
-    except Exception as e:  # a shape mismatch inside a layer: say where, never crash later in a kernel
-        raise ValueError(
-            f"sparse_compile.load: the model fails on its recorded input shapes ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-
-
 def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check: bool = True) -> nn.Module:
     """Rebuild a model written by :func:`save` (in eval mode unless it was saved in training mode).
 
-    ``trusted`` adds package prefixes whose module classes and functions may be used (by default
-    only torch, torchvision, timm, operator, math and sparse_compile). ``check=False`` skips the
-    fake-tensor shape check (the per-layer index / shape validation always runs).
+    Nothing the file names runs unless it is on the allow-lists of :mod:`sparse_compile.compiler.load_policy`
+    (exact functions, tensor methods, module classes of torch.nn, torchvision, timm and
+    sparse_compile); everything is checked before the graph is built or run. ``trusted`` adds
+    packages whose functions and module classes you trust (your own model code). ``check=False``
+    skips the fake-tensor shape check (the per-layer index / shape validation always runs). A bad
+    file raises ``ValueError`` with the reason; a missing one ``FileNotFoundError``.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"sparse_compile.load: no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"sparse_compile.load: {path} is not a file")
     trusted = tuple(trusted)
+    if not all(isinstance(t, str) and is_identifier_path(t) for t in trusted):
+        raise ValueError(f"sparse_compile.load: trusted must be package names, got {trusted!r}")
+    try:
+        return _load(path, device, trusted, check)
+    except ValueError:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise ValueError(f"sparse_compile.load: the rebuild spec in {path} is too deeply nested or too large "
+                         f"({type(e).__name__})") from None
+    except Exception as e:  # any other fault of a malformed spec: say so, as the documented ValueError
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"sparse_compile.load: malformed file {path} ({type(e).__name__}: {msg})") from None
+
+
+def tensor_checksum(tensors: dict) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read(path: Path):
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -548,20 +397,41 @@ def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check
     if spec.get("version") != FORMAT_VERSION:
         raise ValueError(f"sparse_compile.load: file format version {spec.get('version')!r} is not supported "
                          f"(this sparse_compile reads version {FORMAT_VERSION})")
+    want = spec.get("tensor_sha256")
+    if want is not None and tensor_checksum(tensors) != want:
+        raise ValueError(f"sparse_compile.load: the tensors in {path} do not match the file's checksum "
+                         "(the file was corrupted or edited after it was saved)")
+    return spec, tensors
+
+
+def _load(path: Path, device, trusted: tuple, check: bool) -> nn.Module:
+    spec, tensors = _read(path)
+    is_gm = bool(spec.get("graph_module"))
+    # 1. Every name in the graph against the allow-lists, before anything is built.
+    fns = check_graph_spec(spec.get("graph") or [], trusted) if is_gm else {}
+    # 2. The module tree (classes from the allow-list, plain-data attributes; no code runs).
     root = _build_module(spec.get("root"), "", tensors, trusted)
-    if spec.get("graph_module"):
-        graph = _build_graph(spec.get("graph") or [], trusted)
+    for name, m in root.named_modules():
+        validate_module(name or "<root>", m)
+    if is_gm:
+        graph = _build_graph(spec["graph"], fns)
         for n in graph.nodes:
             if n.op in ("call_module", "get_attr"):
                 try:
-                    root.get_submodule(n.target) if n.op == "call_module" else _get_attr(root, n.target)
+                    obj = root.get_submodule(n.target) if n.op == "call_module" else get_attr(root, n.target)
                 except (AttributeError, ValueError) as e:
                     raise ValueError(f"sparse_compile.load: node {n.name!r} refers to missing {n.target!r} ({e})") from None
-        model = fx.GraphModule(root, graph, str(spec.get("class_name") or "GraphModule"))
+                if n.op == "get_attr" and not isinstance(obj, (Tensor, nn.Module)):
+                    raise ValueError(f"sparse_compile.load: node {n.name!r} reads {n.target!r}, which is not a tensor")
+            elif n.op == "call_function" and is_sc_op(n.target):
+                validate_op_node(n, root)
+        class_name = spec.get("class_name") or "GraphModule"
+        if not is_identifier_path(class_name) or "." in class_name:
+            raise ValueError(f"sparse_compile.load: bad class name {class_name!r}")
+        # 3. Only now does fx generate (and exec) the forward source: every name in it was checked.
+        model = fx.GraphModule(root, graph, class_name)
     else:
         model = root
-    for name, m in model.named_modules():
-        _validate_module(name or "<root>", m)
     model.train(bool(spec.get("training", False)))
     if spec.get("report") is not None:
         from .report import OptimizeReport
@@ -570,18 +440,9 @@ def load(path: Union[str, Path], device=None, trusted: Iterable[str] = (), check
     if spec.get("config") is not None:
         model.sparse_compile_config = spec["config"]
     if check and spec.get("inputs"):
-        _dry_run(model, spec["inputs"])
+        dry_run(model, spec["inputs"])
     if spec.get("inputs"):
         model.sparse_compile_input_spec = spec["inputs"]
     if device is not None:
         model.to(device)
     return model
-
-
-def _get_attr(root: nn.Module, target: str):
-    obj = root
-    for p in target.split("."):
-        if not hasattr(obj, p):
-            raise AttributeError(f"no attribute {p!r}")
-        obj = getattr(obj, p)
-    return obj
