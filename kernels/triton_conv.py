@@ -28,7 +28,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `im
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sparse_compile.kernels.triton_linear import _check, _pow2, needs_int64, run_kernel  # noqa: E402
+from sparse_compile.kernels.triton_linear import _check, _pow2, device_guard, needs_int64, run_kernel  # noqa: E402
 
 __all__ = ["condensed_conv2d_triton", "conv_configs"]
 
@@ -149,7 +149,6 @@ def condensed_conv2d_triton(
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{op}: x must be a 4-D [N, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    _check(x, values, indices, bias, None, op, fan_in=x.shape[1])
     kh, kw = _pair(kernel_size, "kernel_size")
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
@@ -157,6 +156,7 @@ def condensed_conv2d_triton(
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
                          f"{(kh, kw)}, {(sh, sw)}, {(dh, dw)}, {(ph, pw)}")
+    _check(x, values, indices, bias, None, op, fan_in=x.shape[1] * kh * kw)
     nb, c, h, w = x.shape
     n, k = values.shape
     if k > c * kh * kw:
@@ -173,15 +173,30 @@ def condensed_conv2d_triton(
         y = out
     else:
         y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[o] at unit stride
+    with device_guard(x.device):
+        _conv(x, values, indices, bias, y, (kh, kw), (sh, sw), (ph, pw), (dh, dw), config)
+    return y
+
+
+def _conv(x, values, indices, bias, y, ks, st, pd, dl, config) -> None:
+    """Fill ``y`` (the checked launcher's output) on the tensors' device."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = ks, st, pd, dl
+    nb, c, h, w = x.shape
+    n, k = values.shape
+    _, _, ho, wo = y.shape
+    shape = y.shape
+    op = "condensed_conv2d_triton"
     m_total = nb * ho * wo
     if m_total == 0 or n == 0:
-        return y
+        return
     if k == 0:
         if bias is None:
             y.zero_()
         else:
             y.copy_(bias.to(y.dtype)[None, :, None, None].expand(shape))
-        return y
+        return
     meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64,
                 WIDE=needs_int64(x, values, indices, y))
     bucket = min(_pow2(m_total), 1 << 16)
@@ -195,7 +210,6 @@ def condensed_conv2d_triton(
             sh, sw, ph, pw, dh, dw, bucket)
     run_kernel(_condensed_conv2d_kernel, grid, args, meta, config, ("conv",), conv_configs(),
                ["O", "k", "M_BUCKET"], _CONV_DEFAULT, op)
-    return y
 
 
 def _main() -> None:

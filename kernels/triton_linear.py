@@ -32,6 +32,7 @@ Run ``python kernels/triton_linear.py`` for a correctness check and a small benc
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Dict, List, Optional
@@ -62,6 +63,8 @@ GEMV_MAX_BATCH = 16
 _LARGE_BATCH = 512
 
 _INDEX_DTYPES = (torch.int16, torch.int32)
+#: Largest fan-in int16 indices can address (indices up to 32767; beyond, they sign-extend).
+INT16_MAX_FAN_IN = 2**15
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _I32_MAX = 2**31 - 1
 
@@ -398,8 +401,22 @@ def linear_configs(kernel: str, batch: int, k: int, dtype: torch.dtype = torch.f
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def device_guard(device: torch.device):
+    """Context that makes ``device`` the current CUDA device for a launch.
+
+    Triton launches on the current device's current stream, not on the tensors' device: a call
+    with tensors on ``cuda:1`` while ``cuda:0`` is current would run on the wrong GPU. The guard
+    is only entered when the devices differ (the common case costs one device query)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
 def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=None):
-    """Shape / dtype / device checks shared by the launchers; errors name the faulty argument."""
+    """Shape / dtype / device checks shared by the launchers; errors name the faulty argument.
+
+    ``fan_in``: the size the indices address (default: x's last dimension, which k must not
+    exceed). int16 indices are rejected past ``INT16_MAX_FAN_IN``: the kernels sign-extend them."""
     for name, t in (("x", x), ("values", values), ("indices", indices)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -413,8 +430,13 @@ def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=N
                         "float32 or float64")
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{op}: indices dtype {indices.dtype} must be int16 or int32")
-    if fan_in is None and values.shape[1] > x.shape[-1]:
-        raise ValueError(f"{op}: k = {values.shape[1]} exceeds x's fan-in {x.shape[-1]}")
+    if fan_in is None:
+        fan_in = x.shape[-1]
+        if values.shape[1] > fan_in:
+            raise ValueError(f"{op}: k = {values.shape[1]} exceeds x's fan-in {fan_in}")
+    if indices.dtype == torch.int16 and fan_in > INT16_MAX_FAN_IN:
+        raise ValueError(f"{op}: int16 indices cannot address a fan-in of {fan_in} (> {INT16_MAX_FAN_IN}): "
+                         "use int32 indices")
     devs = {("x", x.device), ("values", values.device), ("indices", indices.device)}
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (values.shape[0],):
@@ -483,6 +505,14 @@ def condensed_linear_triton(
     _check(x, values, indices, bias, out)
     if kernel not in ("auto", "gemv", "batched"):
         raise ValueError(f"condensed_linear_triton: kernel must be 'auto', 'gemv' or 'batched', got {kernel!r}")
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias[i] at unit stride
+    with device_guard(x.device):
+        return _linear(x, values, indices, bias, kernel, config, split_k, out)
+
+
+def _linear(x, values, indices, bias, kernel, config, split_k, out):
+    """:func:`condensed_linear_triton` after its checks, on the tensors' device."""
     n, k = values.shape
     fan_in = x.shape[-1]
     y = out if out is not None else torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
