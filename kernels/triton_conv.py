@@ -28,7 +28,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `im
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sparse_compile.kernels.triton_linear import _check, _pow2, device_guard, needs_int64, run_kernel  # noqa: E402
+from sparse_compile.kernels.triton_linear import _check, _pow2, cdiv, device_guard, needs_int64, run_kernel  # noqa: E402
 
 __all__ = ["condensed_conv2d_triton", "conv_configs"]
 
@@ -202,7 +202,7 @@ def _conv(x, values, indices, bias, y, ks, st, pd, dl, config) -> None:
     bucket = min(_pow2(m_total), 1 << 16)
 
     def grid(m):
-        return (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(m_total, m["BLOCK_M"]),)
+        return (cdiv(n, m["BLOCK_N"]) * cdiv(m_total, m["BLOCK_M"]),)
 
     args = (x, values, indices, bias if bias is not None else values, y,
             c, h, w, n, ho, wo, k, m_total,

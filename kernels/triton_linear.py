@@ -25,14 +25,16 @@ Both accumulate in fp32 (fp64 for fp64 inputs). Autotuned with ``triton.autotune
 config list. Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the autotuner cannot benchmark,
 so a small fixed config is used unless ``config=`` pins one.
 
-Launches go through ``torch.library.wrap_triton`` when available so the kernels are visible to
-inductor when this launcher runs inside a ``torch.library.triton_op``.
+Plain eager calls launch the kernels directly; while tracing or compiling (dynamo, make_fx,
+export, fake tensors) launches go through ``torch.library.wrap_triton``, so the kernels are visible
+to inductor when this launcher runs inside a ``torch.library.triton_op``.
 
 Run ``python kernels/triton_linear.py`` for a correctness check and a small benchmark.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from typing import Dict, List, Optional
@@ -232,24 +234,55 @@ def _to_feature_major_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launch helpers (shared with triton_conv.py)
 # ---------------------------------------------------------------------------------------------
+# Read once, as triton itself does when it decorates the kernels at import.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1`` when
+    this module was imported)."""
+    return _INTERPRET
+
+
+def _runs_here(device: torch.device) -> bool:
+    """Whether the launchers can run on ``device``: CUDA, or anything under the interpreter."""
+    return device.type == "cuda" or interpreting()
+
+
+_WRAP = getattr(torch.library, "wrap_triton", None)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+
+
+def tracing(x) -> bool:
+    """Whether a launch with first tensor argument ``x`` is being traced or compiled.
+
+    torch.compile (dynamo), make_fx / AOTAutograd / export (a torch dispatch mode is active) and
+    fake or functional tensors need the launch recorded as a ``wrap_triton`` node; a plain eager
+    call does not, and ``wrap_triton``'s eager path (a higher-order-op dispatch) costs hundreds of
+    microseconds a launch, more than the kernels themselves at batch 1."""
+    return _is_compiling() or _dispatch_stack_len() > 0 or type(x) is not torch.Tensor
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch through ``torch.library.wrap_triton`` (visible to inductor inside a triton_op)
-    when this torch has it, else directly."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is not None and not interpreting():
-        wrap(kernel)[grid](*args, **kwargs)
+    """Launch ``kernel`` directly in plain eager calls; through ``torch.library.wrap_triton``
+    (visible to inductor inside a triton_op, traceable by make_fx / export) while tracing."""
+    if _WRAP is not None and not interpreting() and tracing(args[0]):
+        _WRAP(kernel)[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a constexpr function: ~10 us a call)."""
+    return -(-a // b)
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether any element offset of these tensors can exceed int32 (then kernels use int64)."""
     for t in tensors:
+        if t.numel() < _I32_MAX and t.is_contiguous():
+            continue  # offsets < numel: the common case without the per-dimension sum
         if t.numel() and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) >= _I32_MAX:
             return True
     return False
@@ -289,23 +322,44 @@ def _to_config(c: dict):
     return triton.Config(c, num_warps=num_warps, num_stages=num_stages)
 
 
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+#: Autotuned choice per (tag, key values, tensor dtypes), as launch kwargs: eager calls launch the
+#: JIT kernel with it directly, skipping the autotuner's per-call key and kwargs building.
+_BEST: Dict[tuple, dict] = {}
+_KEY_POS: Dict[tuple, tuple] = {}
+
+
 def run_kernel(kernel, grid, args: tuple, meta: dict, config: Optional[dict], tag: tuple,
                configs: List[dict], key: List[str], default: dict, arg: str) -> None:
     """Launch ``kernel`` with a pinned ``config``, or autotuned over ``configs``.
 
-    Interpreted runs cannot autotune (no device to time on), so they use ``default``.
+    Interpreted runs cannot autotune (no device to time on), so they use ``default``. Once the
+    autotuner has picked a config for a key, plain eager calls launch with it directly; traced
+    calls always go through the autotuner (inductor sees, and may re-tune, the whole list).
     """
     if config is None and interpreting():
         config = default
     if config is not None:
-        names = {k for k in default if k not in ("num_warps", "num_stages")}
-        given = {k for k in config if k not in ("num_warps", "num_stages")}
+        names = {k for k in default if k not in _OPTIONS}
+        given = {k for k in config if k not in _OPTIONS}
         if given != names:
             raise ValueError(f"{arg}: config must set exactly {sorted(names)} (plus optional num_warps, "
-                             f"num_stages), got {sorted(given)}")
+                             f"num_stages, maxnreg), got {sorted(given)}")
         launch(kernel, grid, *args, **meta, **config)
-    else:
-        launch(tuner(tag, kernel, configs, key), grid, *args, **meta)
+        return
+    pos = _KEY_POS.get(tag)
+    if pos is None:
+        pos = _KEY_POS[tag] = tuple(kernel.arg_names.index(k) for k in key)
+    # Every kernel here takes its five tensors first (x, values, indices, bias, out).
+    ck = (tag, *[args[i] for i in pos], args[0].dtype, args[1].dtype, args[2].dtype, args[3].dtype, args[4].dtype)
+    best = _BEST.get(ck)
+    if best is not None and not tracing(args[0]):
+        kernel[grid(best)](*args, **meta, **best)
+        return
+    t = tuner(tag, kernel, configs, key)
+    launch(t, grid, *args, **meta)
+    if getattr(t, "best_config", None) is not None and not tracing(args[0]):
+        _BEST[ck] = t.best_config.all_kwargs()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +369,7 @@ def _pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
 def _gemv_configs(b_bucket: int, k_bucket: int) -> List[dict]:
     out, seen = [], set()
     blocks_b = [b_bucket] if b_bucket < 8 else [b_bucket, b_bucket // 4]
@@ -354,6 +409,7 @@ _FM_CONFIGS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _fm_configs(large: bool, elem_size: int = 4) -> List[dict]:
     table = _FM_CONFIGS[(2 if elem_size == 2 else 4, large)]  # fp64 uses the fp32 tiles
     return [dict(BLOCK_N=a, BLOCK_J=b, REP_B=r, SUB_B=c, num_warps=w, num_stages=1) for a, b, r, c, w in table]
@@ -367,21 +423,29 @@ _FM_DEFAULT = dict(BLOCK_N=8, BLOCK_J=4, REP_B=2, SUB_B=8, num_warps=4, num_stag
 _SM_COUNT: Dict[int, int] = {}
 
 
+def _sm_count(device: torch.device) -> Optional[int]:
+    """Multiprocessors of a CUDA ``device`` (cached), None for other devices."""
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
 def _auto_splits(n: int, B: int, k: int, device: torch.device) -> int:
     """Fan-in splits for the batched kernel: a typical tile (64 neurons x 64 batch columns)
     gives too few programs on mid-size batches (768 x 256 -> 48 tiles for 132 SMs), and
     shrinking the tile instead would cut the L1 reuse of gathered rows that the kernel lives on.
     Aims at two programs per SM, with chunks of at least 32 fan-in entries."""
-    if device.type != "cuda" or k < 64:
+    sms = _sm_count(device)
+    if sms is None or k < 64:
         return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    tiles = triton.cdiv(n, 64) * triton.cdiv(B, 64)
-    want = 2 * _SM_COUNT[idx]
+    tiles = cdiv(n, 64) * cdiv(B, 64)
+    want = 2 * sms
     if tiles >= want:
         return 1
-    return max(1, min(triton.cdiv(want, tiles), k // 32, 8))
+    return max(1, min(cdiv(want, tiles), k // 32, 8))
 
 
 def _buckets(B: int, k: int):
@@ -392,9 +456,9 @@ def linear_configs(kernel: str, batch: int, k: int, dtype: torch.dtype = torch.f
     """The autotune config list (as pinnable dicts) that ``kernel`` ("gemv" or "batched") uses at
     this batch size, fan-in and dtype of x."""
     if kernel == "gemv":
-        return _gemv_configs(*_buckets(batch, k))
+        return [dict(c) for c in _gemv_configs(*_buckets(batch, k))]
     if kernel == "batched":
-        return _fm_configs(_pow2(batch) > _LARGE_BATCH, dtype.itemsize)
+        return [dict(c) for c in _fm_configs(_pow2(batch) > _LARGE_BATCH, dtype.itemsize)]
     raise ValueError(f"kernel must be 'gemv' or 'batched', got {kernel!r}")
 
 
@@ -448,7 +512,7 @@ def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=N
     if len({d for _, d in devs}) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got "
                          + ", ".join(f"{n}={d}" for n, d in sorted(devs, key=str)))
-    if x.device.type != "cuda" and not interpreting():
+    if not _runs_here(x.device):
         raise RuntimeError(f"{op}: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            f"imported, for CPU tensors); x is on {x.device}")
     if out is not None:
@@ -472,7 +536,7 @@ def to_feature_major(x2: torch.Tensor):
     if interpreting() and bp > B:
         xt[:, B:].zero_()  # only silences numpy overflow warnings on garbage pads; a launch on GPU
     bb, bi = 64, 64
-    grid = (triton.cdiv(B, bb) * triton.cdiv(fan_in, bi),)
+    grid = (cdiv(B, bb) * cdiv(fan_in, bi),)
     launch(_to_feature_major_kernel, grid, x2, xt, B, fan_in, x2.stride(0), x2.stride(1), xt.stride(0),
            WIDE=needs_int64(x2, xt), BLOCK_B=bb, BLOCK_I=bi, num_warps=4)
     return xt, bp
@@ -538,7 +602,7 @@ def _linear(x, values, indices, bias, kernel, config, split_k, out):
         bb, kb = _buckets(B, k)
 
         def grid(m):
-            return (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(B, m["BLOCK_B"]),)
+            return (cdiv(n, m["BLOCK_N"]) * cdiv(B, m["BLOCK_B"]),)
 
         args = (x2, values, indices, b_arg, y, B, n, k, x2.stride(0), x2.stride(1), *common)
         run_kernel(_condensed_gemv_kernel, grid, args, meta, config, ("gemv", bb, kb),
@@ -548,8 +612,8 @@ def _linear(x, values, indices, bias, kernel, config, split_k, out):
         splits = _auto_splits(n, B, k, x.device) if split_k is None else int(split_k)
         if splits < 1:
             raise ValueError(f"condensed_linear_triton: split_k must be >= 1, got {split_k}")
-        k_per = triton.cdiv(triton.cdiv(k, splits), 16) * 16  # chunk starts stay 32-byte aligned
-        splits = triton.cdiv(k, k_per)
+        k_per = cdiv(cdiv(k, splits), 16) * 16  # chunk starts stay 32-byte aligned
+        splits = cdiv(k, k_per)
         if splits > 1:
             acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             dst = torch.empty((splits, B, n), dtype=acc_dtype, device=x.device)
@@ -562,7 +626,7 @@ def _linear(x, values, indices, bias, kernel, config, split_k, out):
         large = bucket > _LARGE_BATCH
 
         def grid(m):
-            return (triton.cdiv(n, m["BLOCK_N"]) * splits * triton.cdiv(B, m["REP_B"] * m["SUB_B"]),)
+            return (cdiv(n, m["BLOCK_N"]) * splits * cdiv(B, m["REP_B"] * m["SUB_B"]),)
 
         args = (xt, values, indices, b_arg, dst, B, bp, n, k, k_per, splits, xt.stride(0), xt.stride(1),
                 *common[:4], *dst_strides, bucket)
@@ -571,7 +635,7 @@ def _linear(x, values, indices, bias, kernel, config, split_k, out):
                    ["n", "k", "B_BUCKET", "num_splits"], _FM_DEFAULT, "condensed_linear_triton")
         if splits > 1:
             total, block = B * n, 1024
-            launch(_split_sum_kernel, (triton.cdiv(total, block),), dst, b_arg, y, total, n, splits,
+            launch(_split_sum_kernel, (cdiv(total, block),), dst, b_arg, y, total, n, splits,
                    dst.stride(0), HAS_BIAS=bias is not None, WIDE=needs_int64(dst), BLOCK=block, num_warps=4)
     return y
 

@@ -160,3 +160,38 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch, which):
 def tlin_dense(vals, idx, fan_in):
     return torch.zeros(vals.shape[0], fan_in, dtype=torch.float64, device=vals.device).scatter_(
         1, idx.long(), vals.double())
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager launches go direct; only traced ones through torch.library.wrap_triton
+# ---------------------------------------------------------------------------------------------
+def test_tracing_detection():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(3)
+    assert not tlin.tracing(x)
+    with FakeTensorMode() as mode:
+        assert tlin.tracing(mode.from_tensor(x))
+    seen = []
+    make_fx(lambda t: seen.append(tlin.tracing(t)) or t + 1)(x)
+    assert seen == [True]
+    f = torch.compile(lambda t: t + int(tlin.tracing(t)), backend="eager", fullgraph=True)
+    assert torch.equal(f(x), x + 1)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_launch_wraps_only_when_tracing(monkeypatch, traced):
+    wrapped = []
+
+    def fake_wrap(kernel):
+        wrapped.append(kernel)
+        return kernel
+
+    monkeypatch.setattr(tlin, "_WRAP", fake_wrap)
+    monkeypatch.setattr(tlin, "_INTERPRET", False)  # the interpreter never wraps; test the GPU rule
+    monkeypatch.setattr(tlin, "_runs_here", lambda device: True)
+    monkeypatch.setattr(tlin, "tracing", lambda x: traced)
+    vals, idx = rand_condensed(5, 30, 6)
+    check_linear(torch.randn(2, 30, device=DEV), vals, idx, None, kernel="gemv", config=tlin._GEMV_DEFAULT)
+    assert len(wrapped) == (1 if traced else 0)
