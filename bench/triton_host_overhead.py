@@ -17,9 +17,7 @@ evaluates the grid. So the figures are *our* cost per call; triton's launch path
 * ``launcher, forced wrap_triton``: every launch through ``torch.library.wrap_triton``'s eager path,
   i.e. what each eager call cost before launches went direct outside tracing.
 
-Layer: ViT-B/16 fc2 (768 x 3072) at 90% sparsity (k = 307), batch 1 and 256; the SM count is
-pinned at 132 (an H100/H200) so the fan-in split, and with it the split-sum launch, is what a GPU
-run would pick. Medians (and minima) of interleaved rounds, microseconds per call: on a shared machine the
+Layer: ViT-B/16 fc2 (768 x 3072) at 90% sparsity (k = 307), batch 1 and 256. Medians (and minima) of interleaved rounds, microseconds per call: on a shared machine the
 minimum is the closer estimate of an idle core.
 """
 from __future__ import annotations
@@ -40,7 +38,7 @@ import sparse_compile.kernels as K  # noqa: E402
 from sparse_compile.kernels import ops  # noqa: E402
 from sparse_compile.kernels import triton_linear as tlin  # noqa: E402
 
-N_OUT, FAN_IN, SPARSITY, SMS = 768, 3072, 0.9, 132
+N_OUT, FAN_IN, SPARSITY = 768, 3072, 0.9
 
 
 def stub_launches() -> list:
@@ -63,7 +61,6 @@ def stub_launches() -> list:
     Autotuner._bench = bench
     Autotuner.check_disk_cache = no_disk_cache
     tlin._runs_here = lambda device: True
-    tlin._sm_count = lambda device: SMS
     # Route the two public entries' CPU branches to the Triton launcher (their CUDA branch).
     ops._CPU_OP = tlin.condensed_linear_triton
     ops._linear_impl = lambda x, v, i, b: tlin.condensed_linear_triton(x, v, i, b)
@@ -121,7 +118,7 @@ def main(argv=None) -> None:
         rows[batch] = ({n: (statistics.median(t), min(t)) for n, t in times.items()}, launches)
     print(f"host overhead per eager call, launches stubbed (us; median of {args.rounds} interleaved rounds); "
           f"torch {torch.__version__}, triton {triton.__version__}")
-    print(f"layer {N_OUT}x{FAN_IN}, sparsity {SPARSITY}, k={k}, SMs pinned at {SMS}")
+    print(f"layer {N_OUT}x{FAN_IN}, sparsity {SPARSITY}, k={k}")
     names = list(rows[1][0])
     print(f"  {'entry':32s} " + " ".join(f"{'B=' + str(b) + ' median':>13s} {'(min)':>7s}" for b in rows))
     for name in names:
