@@ -62,7 +62,8 @@ def stats(compiled) -> dict:
     for vec, bits in loads:
         w = int(bits) * (int(vec[2:]) if vec else 1)
         widths[w] = widths.get(w, 0) + 1
-    return dict(regs=int(regs.group(1)) if regs else None,
+    body = [ln for ln in ptx.splitlines() if ln.strip().endswith(";") and not ln.strip().startswith(".")]
+    return dict(regs=int(regs.group(1)) if regs else None, ptx_instructions=len(body),
                 spill_store=int(spills.group(1)) if spills else None,
                 spill_load=int(spills.group(2)) if spills else None,
                 maxnreg=int(m.group(1)) if m else None,
@@ -103,11 +104,12 @@ def shipped_builds():
                 out.append((label, L._condensed_gemv_kernel, dict(ptrs, x_ptr=f"*{dt}"), const,
                             ("x_ptr", "v_ptr", "i_ptr", "y_ptr", "n", "s_xb"), _opts(cfg)))
     for cfg in C.conv_configs():
-        const = dict(flags, s_xw=1, s_vk=1, s_ik=1, s_yw=1, KH=3, KW=3, **_meta(cfg))
-        label = "conv fp32 3x3   " + " ".join(f"{k}={v}" for k, v in cfg.items() if k != "num_stages")
+        const = dict(flags, s_xw=1, s_vk=1, s_yw=1, **_meta(cfg))
+        label = "conv fp32       " + " ".join(f"{k}={v}" for k, v in cfg.items() if k != "num_stages")
         out.append((label, C._condensed_conv2d_kernel,
-                    dict(x_ptr="*fp32", v_ptr="*fp32", i_ptr="*i16", bias_ptr="*fp32", y_ptr="*fp32", off_ptr="*i32"),
-                    const, (), _opts(cfg)))
+                    dict(x_ptr="*fp32", v_ptr="*fp32", t_ptr="*i32", r_ptr="*i32", bias_ptr="*fp32", y_ptr="*fp32"),
+                    const, ("x_ptr", "v_ptr", "t_ptr", "r_ptr", "y_ptr", "s_xh", "s_xn", "s_yc", "s_yn"),
+                    _opts(cfg)))
     return out
 
 
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
         print(f"no NVIDIA backend in this triton: {e}")
         return 77
     bad = []
-    print(f"sm_{TARGET_ARCH}, triton {triton.__version__}: regs, spill bytes (store/load), global loads by bits")
+    print(f"sm_{TARGET_ARCH}, triton {triton.__version__}: regs, spill bytes (store/load), PTX instructions, "
+          "global loads by bits")
     for label, kernel, types, const, div, opts in shipped_builds():
         if args.only not in label:
             continue
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
             continue
         spill = (s["spill_store"] or 0) + (s["spill_load"] or 0)
         loads = " ".join(f"{b}b x{n}" for b, n in s["loads_by_bits"].items())
-        print(f"  {label:78s} regs {s['regs']!s:>4s}  spill {s['spill_store']}/{s['spill_load']}  loads {loads}")
+        print(f"  {label:78s} regs {s['regs']!s:>4s}  spill {s['spill_store']}/{s['spill_load']}  "
+              f"ptx {s['ptx_instructions']:5d}  loads {loads}")
         if spill or not s["ptxas_ok"] or s["regs"] is None:
             bad.append(label)
     if bad:

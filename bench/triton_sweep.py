@@ -153,12 +153,56 @@ def probe():
         print(f"  CompiledKernel launch failed: {type(e).__name__}: {str(e)[:200]}")
 
 
+def compare(old_conv=None):
+    """Kernel-time A/B checks of choices made without a GPU: k padded to 16 (pad_fan_in) for the
+    GEMV and batched kernels, and, given the pre-offset-table conv module, old vs new conv."""
+    from sparse_compile.kernels import triton_conv as tconv
+
+    for dtype, sp, batch in ((torch.float32, 0.9, 1), (torch.float32, 0.9, 256), (torch.bfloat16, 0.99, 256)):
+        vals, idx, _ = make_layer(sp, dtype)
+        vp, ip = tlin.pad_fan_in(vals, idx)
+        x = torch.randn(batch, 3072, device="cuda").to(dtype)
+        t0, _ = kernel_us(lambda: tlin.condensed_linear_triton(x, vals, idx))
+        t1, _ = kernel_us(lambda: tlin.condensed_linear_triton(x, vp, ip))
+        print(f"  pad k {vals.shape[1]}->{vp.shape[1]} {str(dtype)[6:]} {sp:.2f} B={batch}: "
+              f"{t0:.1f} -> {t1:.1f} us ({t0 / t1:.2f}x)")
+    for nb, c, hw, o, st in ((8, 128, 28, 128, 1), (8, 64, 56, 64, 1), (8, 128, 28, 256, 2)):
+        fan = c * 9
+        k = fan // 10
+        idx = torch.rand(o, fan, device="cuda").argsort(1)[:, :k].sort(1).values.to(torch.int16)
+        vals = torch.randn(o, k, device="cuda")
+        x = torch.randn(nb, c, hw, hw, device="cuda")
+        w = torch.zeros(o, fan, device="cuda").scatter_(1, idx.long(), vals).reshape(o, c, 3, 3)
+        ref = torch.nn.functional.conv2d(x, w, None, st, 1)
+        line = f"  conv {nb}x{c}x{hw}x{hw} -> {o} s{st} 90%: dense cuDNN {kernel_us(lambda: torch.nn.functional.conv2d(x, w, None, st, 1))[0]:.1f} us"
+        for name, mod in (("new", tconv), ("old", old_conv)):
+            if mod is None:
+                continue
+            y = mod.condensed_conv2d_triton(x, vals, idx, None, 3, st, 1, 1)
+            err = float((y - ref).abs().max() / ref.abs().max())
+            t, _ = kernel_us(lambda: mod.condensed_conv2d_triton(x, vals, idx, None, 3, st, 1, 1))
+            line += f"  {name} {t:.1f} us (err {err:.0e})"
+        print(line)
+
+
 def main(argv=None) -> None:
     """Run the sweeps (until the budget) and the probe."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, default=170.0, help="seconds for probe + sweeps")
+    ap.add_argument("--compare", action="store_true", help="only the A/B checks (pad, conv)")
+    ap.add_argument("--old-conv", default="", help="path of a previous triton_conv.py to compare with")
     args = ap.parse_args(argv)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.compare:
+        old = None
+        if args.old_conv:
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("old_triton_conv", args.old_conv)
+            old = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(old)
+        compare(old)
+        return
     print("probe (host cost, batch 1):")
     probe()
     print(f"sweeps (GPU us per call, CUDA graph, L2 flushed) [{time.time() - T0:.0f} s]:")

@@ -55,6 +55,7 @@ __all__ = [
     "condensed_linear_triton",
     "linear_configs",
     "to_feature_major",
+    "pad_fan_in",
     "condensed_linear_ref",
     "GEMV_MAX_BATCH",
 ]
@@ -546,6 +547,22 @@ def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=N
         want = (*x.shape[:-1], values.shape[0])
         if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
             raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {want} on {x.device}")
+
+
+def pad_fan_in(values: torch.Tensor, indices: torch.Tensor, multiple: int = 16):
+    """``(values, indices)`` with k padded to a multiple of ``multiple`` by (weight 0, index 0)
+    entries, contiguous: same results, and rows start 16-element aligned, so triton loads the
+    weights and indices of a row with vector loads (ld.global.v4 / v2 instead of scalar ones).
+    Meant for conversion time (a copy per call would cost more than it saves)."""
+    n, k = values.shape
+    kp = -(-k // multiple) * multiple
+    if kp == k and values.is_contiguous() and indices.is_contiguous():
+        return values, indices
+    v = values.new_zeros((n, kp))
+    i = indices.new_zeros((n, kp))
+    v[:, :k] = values
+    i[:, :k] = indices
+    return v, i
 
 
 def to_feature_major(x2: torch.Tensor):

@@ -211,3 +211,35 @@ def test_split_reduction_is_deterministic_and_leaves_counters_zeroed(splits):
     y2 = tlin.condensed_linear_triton(x, vals, idx, bias, kernel="batched", split_k=splits)
     assert torch.equal(y1, y2)
     assert not cnt.any()
+
+
+def test_conv_tap_tables_follow_index_updates_and_layouts():
+    """The cached offset tables are rebuilt when the indices change in place or x's layout does."""
+    vals, idx = rand_condensed(4, 18, 5)
+    x = torch.randn(2, 2, 5, 6, device=DEV)
+    args = ((3, 3), (1, 1), (1, 1), (1, 1))
+
+    def check(xx):
+        y = tconv.condensed_conv2d_triton(xx, vals, idx, None, *args)
+        assert rel_err(y, condensed_conv2d_ref(xx.double(), vals.double(), idx, None, *args)) < 1e-5
+
+    check(x)
+    idx[:, 0] = 17 - idx[:, 0]  # in place: bumps the version the cache checks
+    check(x)
+    check(x.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("kernel,batch", [("gemv", 2), ("batched", 19)])
+def test_pad_fan_in_gives_the_same_result(kernel, batch):
+    vals, idx = rand_condensed(7, 50, 13)
+    vp, ip = tlin.pad_fan_in(vals, idx)
+    assert vp.shape == (7, 16) and ip.shape == (7, 16) and not vp[:, 13:].any() and not ip[:, 13:].any()
+    x = torch.randn(batch, 50, device=DEV)
+    y = check_linear(x, vp, ip, None, kernel=kernel)
+    assert rel_err(y, linear_ref_of(x, vals, idx)) < 1e-5
+
+
+def linear_ref_of(x, vals, idx):
+    from sparse_compile.kernels.reference import condensed_linear_ref
+
+    return condensed_linear_ref(x.double(), vals.double(), idx, None)
