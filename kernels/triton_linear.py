@@ -684,6 +684,9 @@ def _linear(x, values, indices, bias, kernel, config, split_k, out):
             acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             ws = torch.empty(ws_elems, dtype=acc_dtype, device=x.device)
             cnt = _counters(x.device, n_cnt, traced)
+        elif traced:  # distinct placeholders: a traced kernel must not get y (mutated) twice
+            ws = torch.empty(1, dtype=torch.float32, device=x.device)
+            cnt = torch.empty(1, dtype=torch.int32, device=x.device)
         else:
             ws, cnt = y, indices  # never touched when SPLIT == 1
 

@@ -111,9 +111,11 @@ def test_linear_k_zero_gives_bias():
 
 
 @pytest.mark.parametrize("kernel,batch,k", [("gemv", 1, 300), ("gemv", 3, 30), ("gemv", 16, 300),
-                                            ("batched", 40, 30), ("batched", 1000, 30)])
+                                            ("batched", 40, 30), ("batched", 1000, 30), ("batched", 40, 70),
+                                            ("batched", 1000, 70)])
 def test_every_autotune_config_is_correct(kernel, batch, k):
-    """Each config of the autotune lists, pinned, gives the right answer (tails included)."""
+    """Each config of the autotune lists, pinned, gives the right answer (tails included); k = 70
+    brings in the fan-in-split entries (in-kernel reduction)."""
     fan_in = 2 * k + 3
     vals, idx = rand_condensed(19, fan_in, k)
     bias = torch.randn(19, device=DEV)

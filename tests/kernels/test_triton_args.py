@@ -243,3 +243,16 @@ def linear_ref_of(x, vals, idx):
     from sparse_compile.kernels.reference import condensed_linear_ref
 
     return condensed_linear_ref(x.double(), vals.double(), idx, None)
+
+
+def test_traced_unsplit_launch_gets_no_aliased_arguments(monkeypatch):
+    """Traced, the batched kernel's unused workspace/counter slots must not alias y or the indices
+    (functionalization rejects a mutated tensor passed twice; seen under torch.compile on an H200)."""
+    seen = []
+    monkeypatch.setattr(tlin, "tracing", lambda x: True)
+    monkeypatch.setattr(tlin, "launch", lambda kernel, grid, *a, **kw: seen.append(a))
+    vals, idx = rand_condensed(6, 30, 10)  # k < 64: no split candidates
+    tlin.condensed_linear_triton(torch.randn(20, 30, device=DEV), vals, idx, kernel="batched")
+    args = seen[-1]  # the batched kernel (after the transpose)
+    ptrs = [a.data_ptr() for a in args[:7] if isinstance(a, torch.Tensor)]
+    assert len(ptrs) == 7 and len(set(ptrs[4:])) == 3 and ptrs[6] != ptrs[2]
