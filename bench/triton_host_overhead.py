@@ -36,6 +36,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import sparse_compile.kernels as K  # noqa: E402
 from sparse_compile.kernels import ops  # noqa: E402
+from sparse_compile.kernels import triton_launch as tlaunch  # noqa: E402
 from sparse_compile.kernels import triton_linear as tlin  # noqa: E402
 
 N_OUT, FAN_IN, SPARSITY = 768, 3072, 0.9
@@ -91,11 +92,11 @@ def main(argv=None) -> None:
         x = torch.randn(batch, FAN_IN)
 
         def forced(x=x):
-            tlin.tracing = lambda t: True
+            tlaunch.tracing = tlin.tracing = lambda t: True
             try:
                 tlin.condensed_linear_triton(x, vals, idx)
             finally:
-                tlin.tracing = real_tracing
+                tlaunch.tracing = tlin.tracing = real_tracing
 
         def op(x=x):
             with torch.no_grad():

@@ -33,9 +33,10 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `im
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sparse_compile.kernels.triton_linear import (  # noqa: E402
-    _check, _pow2, cdiv, device_guard, needs_int64, run_kernel, tracing,
+from sparse_compile.kernels.triton_launch import (  # noqa: E402
+    _pow2, cdiv, device_guard, needs_int64, run_kernel, tracing,
 )
+from sparse_compile.kernels.triton_linear import _check  # noqa: E402
 
 __all__ = ["condensed_conv2d_triton", "conv_configs"]
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_compile.kernels import triton_conv as tconv
+from sparse_compile.kernels import triton_launch as tlaunch
 from sparse_compile.kernels import triton_linear as tlin
 from sparse_compile.kernels.reference import condensed_conv2d_ref
 
@@ -141,7 +142,8 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch, which):
 
     monkeypatch.setattr(tlin, "device_guard", guard)
     monkeypatch.setattr(tconv, "device_guard", guard)
-    monkeypatch.setattr(tlin, "launch", checked_launch)
+    monkeypatch.setattr(tlin, "launch", checked_launch)  # the transpose
+    monkeypatch.setattr(tlaunch, "launch", checked_launch)  # run_kernel's launches
     if which == "conv":
         vals, idx = rand_condensed(4, 18, 5)
         x = torch.randn(1, 2, 5, 5, device=DEV)
@@ -189,9 +191,10 @@ def test_launch_wraps_only_when_tracing(monkeypatch, traced):
         wrapped.append(kernel)
         return kernel
 
-    monkeypatch.setattr(tlin, "_WRAP", fake_wrap)
-    monkeypatch.setattr(tlin, "_INTERPRET", False)  # the interpreter never wraps; test the GPU rule
+    monkeypatch.setattr(tlaunch, "_WRAP", fake_wrap)
+    monkeypatch.setattr(tlaunch, "_INTERPRET", False)  # the interpreter never wraps; test the GPU rule
     monkeypatch.setattr(tlin, "_runs_here", lambda device: True)
+    monkeypatch.setattr(tlaunch, "tracing", lambda x: traced)
     monkeypatch.setattr(tlin, "tracing", lambda x: traced)
     vals, idx = rand_condensed(5, 30, 6)
     check_linear(torch.randn(2, 30, device=DEV), vals, idx, None, kernel="gemv", config=tlin._GEMV_DEFAULT)
@@ -249,8 +252,9 @@ def test_traced_unsplit_launch_gets_no_aliased_arguments(monkeypatch):
     """Traced, the batched kernel's unused workspace/counter slots must not alias y or the indices
     (functionalization rejects a mutated tensor passed twice; seen under torch.compile on an H200)."""
     seen = []
-    monkeypatch.setattr(tlin, "tracing", lambda x: True)
-    monkeypatch.setattr(tlin, "launch", lambda kernel, grid, *a, **kw: seen.append(a))
+    for mod in (tlin, tlaunch):
+        monkeypatch.setattr(mod, "tracing", lambda x: True)
+        monkeypatch.setattr(mod, "launch", lambda kernel, grid, *a, **kw: seen.append(a))
     vals, idx = rand_condensed(6, 30, 10)  # k < 64: no split candidates
     tlin.condensed_linear_triton(torch.randn(20, 30, device=DEV), vals, idx, kernel="batched")
     args = seen[-1]  # the batched kernel (after the transpose)
