@@ -1,35 +1,47 @@
-"""One-shot GPU check of the condensed kernels: correctness and timings in one table.
+"""One-shot GPU check of the condensed kernels: correctness, then like-for-like timings.
 
-    python bench/gpu_check.py            # on the device machine; installs nothing, < 4 minutes
-    python bench/gpu_check.py --dry-run  # anywhere: every section on CPU through the Triton
-                                         # interpreter, tiny shapes (checks the script, not speed)
+    python -m bench.gpu_check            # on a CUDA machine; installs nothing, < 4 minutes
+    python -m bench.gpu_check --dry-run  # anywhere: prints every row it will measure and runs
+                                         # each callable once on CPU (Triton interpreter, tiny
+                                         # shapes): checks the script, not speed
 
-Layer: ViT-B/16 MLP fc2, weight 768 x 3072 (out x in), constant fan-in with random sorted
-indices (int16), no bias in the timings. Timings are medians of ``triton.testing.do_bench``
-(L2 flushed before every call), in microseconds; ratios are taken within this run. Every section
-is guarded: a failure is recorded and the table goes on. With ``$OUT`` set, the results are also
-written to ``$OUT/gpu_check.json``.
+Layer: ViT-B/16 MLP fc2, weight 768 x 3072 (out x in), constant fan-in with random sorted int16
+indices, no bias. Every case (dtype, sparsity, batch) is measured three ways, and each way is
+compared only with itself:
 
-Columns: dense fp32 (TF32 off), dense TF32, dense bf16 (F.linear, cuBLAS), torch CSR fp32
-(cuSPARSE), the condensed Triton launcher (auto kernel choice), the op
-``torch.ops.sparse_compile.condensed_linear`` eagerly and under
-``torch.compile(mode="max-autotune")``, the copy to feature-major alone, and the L1 floor:
-``n*k*B`` gathered elements at 32 fp32 per clock per SM (the anchors' arithmetic).
+* ``kernel``: GPU time of one call, captured in a CUDA graph (no host overhead) and replayed after
+  an L2 flush (a 256 MB memset) each time; median of CUDA-event timings. Where capture fails
+  (cuSPARSE may refuse), events around the plain call, marked ``*``.
+* ``eager``: wall time per call of back-to-back calls, synchronised at the end (host overhead
+  included, L2 warm): what a Python loop over the layer sees.
+* ``compiled``: the same wall time for ``torch.compile`` (default mode) of the layer, dense
+  ``F.linear`` against ``torch.ops.sparse_compile.condensed_linear``; a few cases only (each
+  compile costs seconds).
+
+Columns: dense fp32 (TF32 off), dense TF32, dense bf16 (cuBLAS), torch CSR fp32 (cuSPARSE), ``cond``
+the Triton launcher ``condensed_linear_triton`` (auto kernel choice), ``op`` the public op
+``torch.ops.sparse_compile.condensed_linear``, ``wrap`` the Python wrapper
+``sparse_compile.kernels.condensed_linear`` that the layers call, ``floor`` the L1 floor (``n*k*B``
+gathered elements at 32 fp32 per clock per SM). Targets are judged on each way separately
+(``kernel``: cond vs the baseline's kernel; ``eager``: wrap vs the baseline's call; ``compiled``:
+compiled op vs compiled baseline). With ``$OUT`` set, results also go to ``$OUT/gpu_check.json``.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
 
 T0 = time.time()
-BUDGET_S = 215.0  # stop starting new sections after this; the whole script must stay < 4 min
-COMPILE_BEFORE_S = 140.0  # torch.compile(max-autotune) takes tens of seconds: only start it early
+BUDGET_S = 200.0  # stop starting new sections after this; the whole script must stay < 4 min
+COMPILE_BEFORE_S = 150.0  # start no torch.compile after this
 DRY = "--dry-run" in sys.argv
 if DRY:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    os.environ.setdefault("SPARSE_COMPILE_NO_CPP", "1")  # the op's CPU path: no C++ build here
 
 import warnings  # noqa: E402
 
@@ -37,13 +49,27 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message=".*C\\+\\+ kernels.*")
 
 RESULTS = {"header": {}, "correctness": [], "timings": [], "targets": [], "configs": {}, "errors": []}
 DEV = "cpu" if DRY else "cuda"
 N_OUT, FAN_IN = (24, 200) if DRY else (768, 3072)
-SPARSITIES = (0.9, 0.99)
-BATCHES = (1, 20, 40) if DRY else (1, 256, 2048)
-MID, LARGE = BATCHES[1], BATCHES[2]
+MID, LARGE = (20, 40) if DRY else (256, 2048)
+# (dtype, sparsity, batch, compiled?)
+CASES = [("fp32", 0.9, 1, True), ("fp32", 0.9, MID, True), ("fp32", 0.9, LARGE, False),
+         ("fp32", 0.99, 1, False), ("fp32", 0.99, MID, False), ("fp32", 0.99, LARGE, False),
+         ("bf16", 0.99, MID, True), ("bf16", 0.9, MID, False), ("bf16", 0.9, 1, False)]
+KINDS = ("kernel", "eager", "compiled")
+COLS = ("dense32", "tf32", "bf16", "csr32", "cond", "op", "wrap")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# name, case (dtype, sparsity, batch), baseline column, wanted ratio (> 1.0 means at least, 1.0 faster)
+TARGETS = [("fp32 90% B=1: >= 1.7x dense F.linear", ("fp32", 0.9, 1), "dense32", 1.7),
+           (f"fp32 90% B={MID}: >= 2.0x cuBLAS fp32", ("fp32", 0.9, MID), "dense32", 2.0),
+           (f"fp32 90% B={MID}: >= 3.0x torch CSR", ("fp32", 0.9, MID), "csr32", 3.0),
+           (f"fp32 90% B={LARGE}: >= 2.0x dense", ("fp32", 0.9, LARGE), "dense32", 2.0),
+           (f"bf16 99% B={MID}: faster than dense bf16", ("bf16", 0.99, MID), "bf16", 1.0)]
+# Which of our columns stands for "the condensed layer" in each way of measuring.
+OURS = {"kernel": "cond", "eager": "wrap", "compiled": "op"}
 
 
 def elapsed() -> float:
@@ -81,20 +107,65 @@ def set_tf32(on: bool) -> None:
         mm.allow_tf32 = on
 
 
-def bench(fn) -> float:
-    """Median microseconds; short runs keep the whole script inside its budget."""
+# ---------------------------------------------------------------------------------------------
+# Timers
+# ---------------------------------------------------------------------------------------------
+_FLUSH = []
+
+
+def kernel_us(fn, reps: int = 40):
+    """(median GPU microseconds of one call, how): a CUDA graph of ``fn`` replayed after an L2
+    flush each time ("graph"), or CUDA events around the plain call where capture fails
+    ("events"). In a dry run: one timed CPU call ("dry")."""
     if DRY:
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
+        t = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - t), "dry"
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device=DEV))
+    flush = _FLUSH[0]
+    fn()
+    torch.cuda.synchronize()
+    how, replay = "graph", fn
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
             fn()
-            ts.append(time.perf_counter() - t)
-        return 1e6 * sorted(ts)[1]
-    import triton.testing
+        replay = g.replay
+    except Exception:  # noqa: BLE001 - some libraries refuse capture; time them plainly
+        how, replay = "events", fn
+        torch.cuda.synchronize()
+    for _ in range(3):
+        flush.zero_()
+        replay()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in ev:
+        flush.zero_()
+        s.record()
+        replay()
+        e.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in ev), how
 
-    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+def wall_us(fn, reps: int = 100, rounds: int = 3) -> float:
+    """Median over ``rounds`` of the wall time per call of ``reps`` back-to-back calls."""
+    if DRY:
+        reps, rounds = 1, 1
+    fn()
+    sync = torch.cuda.synchronize if not DRY else (lambda: None)
+    sync()
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        out.append(1e6 * (time.perf_counter() - t) / reps)
+    return statistics.median(out)
 
 
+# ---------------------------------------------------------------------------------------------
 def make_layer(sparsity: float, dtype=torch.float32):
     k = max(1, round(FAN_IN * (1 - sparsity)))
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -108,14 +179,13 @@ def rel_err(y, ref) -> float:
     return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
-# ---------------------------------------------------------------------------------------------
 @guarded("header")
 def header():
     import triton
 
     if DRY:
-        h = dict(device="cpu (dry run: TRITON_INTERPRET=1, tiny shapes)", sms=132, clock_mhz=1980.0,
-                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, l2_mb=0)
+        h = dict(device="cpu (dry run: TRITON_INTERPRET=1, tiny shapes, no timings worth reading)", sms=132,
+                 clock_mhz=1980.0, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, l2_mb=0)
     else:
         p = torch.cuda.get_device_properties(0)
         clock_khz = getattr(p, "clock_rate", 0) or 1_980_000  # H100/H200 boost clock if not reported
@@ -135,17 +205,16 @@ def l1_floor_us(k: int, batch: int) -> float:
 # ---------------------------------------------------------------------------------------------
 @guarded("correctness")
 def correctness(tlin, tconv):
-    print("correctness (max |err| / max |ref| vs a float64 reference; fp32 < 1e-5, bf16/fp16 < 1e-2):")
-    cases = [(s, b, torch.float32, {}) for s in SPARSITIES for b in BATCHES]
-    cases += [(0.99, MID, torch.bfloat16, {}), (0.9, MID, torch.bfloat16, {}), (0.9, 1, torch.bfloat16, {}),
-              (0.9, 16, torch.float32, dict(kernel="gemv")), (0.9, 17, torch.float32, dict(kernel="batched")),
-              (0.9, MID, torch.float32, dict(split_k=1)), (0.9, MID, torch.float32, dict(split_k=4))]
+    print("correctness (max |err| / max |ref| vs a float64 reference; fp32 < 1e-5, bf16 < 1e-2):")
+    cases = [(s, b, torch.float32, {}) for s in (0.9, 0.99) for b in (1, MID, LARGE)]
+    cases += [(0.99, MID, torch.bfloat16, {}), (0.9, 1, torch.bfloat16, {}),
+              (0.9, 16, torch.float32, dict(kernel="gemv")), (0.9, 17, torch.float32, dict(kernel="batched"))]
     layers = {}
     for sp, batch, dtype, kw in cases:
         if (sp, dtype) not in layers:
             layers[(sp, dtype)] = make_layer(sp, dtype)
         vals, idx, dense = layers[(sp, dtype)]
-        bias = torch.randn(N_OUT, device=DEV).to(dtype)
+        bias = torch.randn(2 * N_OUT, device=DEV).to(dtype)[::2]  # strided: the launcher must honour it
         x = torch.randn(batch, FAN_IN, device=DEV).to(dtype)
         y = tlin.condensed_linear_triton(x, vals, idx, bias, **kw)
         ref = x.double() @ dense.double().t() + bias.double()
@@ -155,8 +224,6 @@ def correctness(tlin, tconv):
         name = f"linear {str(dtype)[6:]} {sp:.2f} B={batch} {kw or ''}".strip()
         RESULTS["correctness"].append(dict(case=name, max_rel_err=err, ok=ok))
         print(f"  {'ok  ' if ok else 'FAIL'} {name:48s} {err:.1e}")
-    # conv: stride / padding / dilation against F.conv2d with the masked dense weight. Only the
-    # first case autotunes: each kernel size / unit stride / unit dilation is its own compile.
     pinned = tconv.conv_configs()[0]
     convs = (((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((1, 1), 1, 0, 1), ((3, 3), 1, 2, 2))
     for i, (ks, st, pd, dl) in enumerate(convs):
@@ -167,6 +234,7 @@ def correctness(tlin, tconv):
         vals = torch.randn(o, k, device=DEV)
         w = torch.zeros(o, fan, device=DEV).scatter_(1, idx, vals).reshape(o, c, *ks)
         x = torch.randn(2, c, hw, hw, device=DEV)
+        # Only the first case autotunes: each kernel size is its own compile.
         y = tconv.condensed_conv2d_triton(x, vals, idx.to(torch.int16), None, ks, st, pd, dl,
                                           config=None if i == 0 else pinned)
         err = rel_err(y, F.conv2d(x.double(), w.double(), None, st, pd, dl))
@@ -174,169 +242,131 @@ def correctness(tlin, tconv):
         name = f"conv2d fp32 k{ks[0]}x{ks[1]} s{st} p{pd} d{dl}"
         RESULTS["correctness"].append(dict(case=name, max_rel_err=err, ok=ok))
         print(f"  {'ok  ' if ok else 'FAIL'} {name:48s} {err:.1e}")
-
-
-@guarded("op correctness")
-def op_correctness():
-    op = getattr(getattr(torch.ops, "sparse_compile", None), "condensed_linear", None)
-    if op is None:
-        RESULTS["errors"].append("torch.ops.sparse_compile.condensed_linear not registered")
-        return
-    vals, idx, dense = make_layer(0.9)
+    op = torch.ops.sparse_compile.condensed_linear
+    vals, idx, dense = layers[(0.9, torch.float32)]
     x = torch.randn(MID, FAN_IN, device=DEV)
     err = rel_err(op(x, vals, idx, None), x.double() @ dense.double().t())
-    ok = err < 1e-5
     name = f"torch.ops.sparse_compile.condensed_linear 0.90 B={MID}"
-    RESULTS["correctness"].append(dict(case=name, max_rel_err=err, ok=ok))
-    print(f"  {'ok  ' if ok else 'FAIL'} {name:48s} {err:.1e}")
+    RESULTS["correctness"].append(dict(case=name, max_rel_err=err, ok=err < 1e-5))
+    print(f"  {'ok  ' if err < 1e-5 else 'FAIL'} {name:48s} {err:.1e}")
 
 
 # ---------------------------------------------------------------------------------------------
-def timing_row(tlin, sp, batch, compiled):
-    row = {"sparsity": sp, "batch": batch}
-    vals, idx, dense = make_layer(sp)
-    k = vals.shape[1]
-    x = torch.randn(batch, FAN_IN, device=DEV)
-    row["k"] = k
-    row["l1_floor"] = l1_floor_us(k, batch)
+def case_fns(tlin, dtype: str, sp: float, batch: int):
+    """{column: callable} for one case (plain eager callables), and k."""
+    from sparse_compile.kernels import condensed_linear as wrapper
 
-    def put(name, fn):
-        if elapsed() > BUDGET_S:
-            return
-        try:
-            fn()  # first call: compile / autotune outside the timed region
-            row[name] = bench(fn)
-        except Exception as e:  # noqa: BLE001
-            RESULTS["errors"].append(f"{name} sparsity {sp} batch {batch}: {type(e).__name__}: {e}"[:300])
+    dt = DTYPES[dtype]
+    vals, idx, dense = make_layer(sp, dt)
+    x = torch.randn(batch, FAN_IN, device=DEV).to(dt)
+    op = torch.ops.sparse_compile.condensed_linear
+    fns = {}
+    if dtype == "fp32":
+        fns["dense32"] = ("ieee", lambda: F.linear(x, dense))
+        fns["tf32"] = ("tf32", lambda: F.linear(x, dense))
+        csr = dense.to_sparse_csr()
+        fns["csr32"] = ("ieee", lambda: torch.mm(csr, x.t()))
+    else:
+        fns["bf16"] = ("ieee", lambda: F.linear(x, dense))
+    fns["cond"] = ("ieee", lambda: tlin.condensed_linear_triton(x, vals, idx))
+    fns["op"] = ("ieee", lambda: op(x, vals, idx, None))
+    fns["wrap"] = ("ieee", lambda: wrapper(x, vals, idx))
+    compiled = {"dense32" if dtype == "fp32" else "bf16": (lambda t: F.linear(t, dense)),
+                "op": (lambda t: op(t, vals, idx, None))}
+    return fns, compiled, x, vals.shape[1]
 
-    set_tf32(False)
-    put("dense_fp32", lambda: F.linear(x, dense))
-    set_tf32(True)
-    put("dense_tf32", lambda: F.linear(x, dense))
-    set_tf32(False)
-    xb, db = x.bfloat16(), dense.bfloat16()
-    put("dense_bf16", lambda: F.linear(xb, db))
-    csr = dense.to_sparse_csr()
-    put("csr_fp32", lambda: torch.mm(csr, x.t()))
-    put("condensed", lambda: tlin.condensed_linear_triton(x, vals, idx))
-    if batch > tlin.GEMV_MAX_BATCH:
-        put("condensed_split1", lambda: tlin.condensed_linear_triton(x, vals, idx, split_k=1))
-        put("to_feature_major", lambda: tlin.to_feature_major(x))
-    op = getattr(getattr(torch.ops, "sparse_compile", None), "condensed_linear", None)
-    if op is not None:
-        put("op_eager", lambda: op(x, vals, idx, None))
-        if compiled and not DRY and elapsed() < COMPILE_BEFORE_S:
-            f = torch.compile(lambda t: op(t, vals, idx, None), mode="max-autotune", fullgraph=True)
-            put("op_compiled", lambda: f(x))
-    return row
+
+def plan():
+    """Every (case, way, column) row the run will measure; printed before measuring."""
+    rows = []
+    for dtype, sp, batch, comp in CASES:
+        cols = ["dense32", "tf32", "csr32"] if dtype == "fp32" else ["bf16"]
+        cols += ["cond", "op", "wrap"]
+        rows.append((dtype, sp, batch, "kernel", [c for c in cols if c not in ("op", "wrap")]))
+        rows.append((dtype, sp, batch, "eager", cols))
+        if comp:
+            rows.append((dtype, sp, batch, "compiled", [cols[0], "op"]))
+    return rows
 
 
 @guarded("timings")
 def timings(tlin):
-    compiled_for = {(0.9, 1), (0.9, MID)}
-    for sp in SPARSITIES:
-        for batch in BATCHES:
-            if elapsed() > BUDGET_S:
-                RESULTS["errors"].append(f"timings sparsity {sp} batch {batch}: skipped (time budget)")
-                continue
-            RESULTS["timings"].append(timing_row(tlin, sp, batch, (sp, batch) in compiled_for))
-    # bf16 at 99% / 256 (target: faster than dense bf16) and at 90% / 256
-    for sp in (0.99, 0.9):
-        vals, idx, dense = make_layer(sp, torch.bfloat16)
-        x = torch.randn(MID, FAN_IN, device=DEV, dtype=torch.bfloat16)
-        row = {"sparsity": sp, "batch": MID, "dtype": "bf16", "k": vals.shape[1]}
-        row["dense_bf16"] = bench(lambda: F.linear(x, dense))
-        tlin.condensed_linear_triton(x, vals, idx)
-        row["condensed"] = bench(lambda: tlin.condensed_linear_triton(x, vals, idx))
-        if sp == 0.99:  # one launch, no transpose: the alternative when the work is this small
-            tlin.condensed_linear_triton(x, vals, idx, kernel="gemv")
-            row["condensed_gemv"] = bench(lambda: tlin.condensed_linear_triton(x, vals, idx, kernel="gemv"))
-        RESULTS["timings"].append(row)
-
-
-@guarded("split sweep")
-def split_sweep(tlin):
-    """fp32 90% at the mid batch across fan-in splits: the data for tuning the split heuristic."""
-    vals, idx, _ = make_layer(0.9)
-    x = torch.randn(MID, FAN_IN, device=DEV)
-    out = {}
-    for s in (1, 2, 3, 4, 6, 8):
+    rows = plan()
+    print(f"\nplan: {len(rows)} rows (case, way: columns)")
+    for dtype, sp, batch, kind, cols in rows:
+        print(f"  {dtype} {sp:.2f} B={batch:<5d} {kind:8s}: {' '.join(cols)}")
+    for dtype, sp, batch, comp in CASES:
         if elapsed() > BUDGET_S:
-            break
-        tlin.condensed_linear_triton(x, vals, idx, split_k=s)
-        out[s] = bench(lambda: tlin.condensed_linear_triton(x, vals, idx, split_k=s))
-    RESULTS["split_sweep_90_mid"] = out
-    print(f"split sweep, fp32 0.90 B={MID} (us): " + "  ".join(f"S={s}: {t:.1f}" for s, t in out.items()))
+            RESULTS["errors"].append(f"timings {dtype} {sp} B={batch}: skipped (time budget)")
+            continue
+        fns, compiled, x, k = case_fns(tlin, dtype, sp, batch)
+        base = dict(dtype=dtype, sparsity=sp, batch=batch, k=k, floor=l1_floor_us(k, batch))
+        kern, eager, comp_row = dict(base, kind="kernel"), dict(base, kind="eager"), dict(base, kind="compiled")
+        for col, (prec, fn) in fns.items():
+            if not DRY:
+                set_tf32(prec == "tf32")
+            try:
+                if col not in ("op", "wrap"):
+                    kern[col], how = kernel_us(fn)
+                    if how == "events":
+                        kern.setdefault("events", []).append(col)
+                eager[col] = wall_us(fn)
+            except Exception as e:  # noqa: BLE001
+                RESULTS["errors"].append(f"{dtype} {sp} B={batch} {col}: {type(e).__name__}: {e}"[:300])
+        if not DRY:
+            set_tf32(False)
+        RESULTS["timings"] += [kern, eager]
+        if comp and elapsed() < COMPILE_BEFORE_S:
+            for col, f in compiled.items():
+                try:
+                    cf = torch.compile(f, backend="eager" if DRY else "inductor", fullgraph=True)
+                    comp_row[col] = wall_us(lambda cf=cf: cf(x))
+                except Exception as e:  # noqa: BLE001
+                    RESULTS["errors"].append(f"compiled {dtype} {sp} B={batch} {col}: {type(e).__name__}: {e}"[:300])
+            RESULTS["timings"].append(comp_row)
+        elif comp:
+            RESULTS["errors"].append(f"compiled {dtype} {sp} B={batch}: skipped (compile budget)")
 
 
-@guarded("cuda graph")
-def cuda_graph(tlin):
-    """Batch 1 with launch overhead removed (the anchors' 'GEMV in a CUDA graph' row)."""
-    import triton.testing
-
-    if DRY:
-        return
-    vals, idx, dense = make_layer(0.9)
-    x = torch.randn(1, FAN_IN, device=DEV)
-    set_tf32(False)
-    tlin.condensed_linear_triton(x, vals, idx)
-    res = {}
-    for name, fn in (("dense_fp32", lambda: F.linear(x, dense)),
-                     ("condensed", lambda: tlin.condensed_linear_triton(x, vals, idx))):
-        res[name] = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
-    RESULTS["cuda_graph_90_b1"] = res
-    print(f"CUDA graph, fp32 0.90 B=1 (us): dense {res['dense_fp32']:.2f}  condensed {res['condensed']:.2f}  "
-          f"ratio {res['dense_fp32'] / res['condensed']:.2f}x")
-
-
-# ---------------------------------------------------------------------------------------------
 def print_table():
-    cols = ["dense_fp32", "dense_tf32", "dense_bf16", "csr_fp32", "condensed", "condensed_split1",
-            "condensed_gemv", "op_eager", "op_compiled", "to_feature_major", "l1_floor"]
-    short = ["dense32", "tf32", "bf16", "csr32", "cond", "cond_S1", "cond_gemv", "op", "op_comp", "xpose",
-             "floor"]
-    print("\ntimings (median us, L2 flushed; cond = condensed Triton, auto kernel):")
-    print(f"  {'dtype':5s} {'spars':>5s} {'B':>5s} " + " ".join(f"{c:>9s}" for c in short)
-          + f" {'dense/cond':>10s} {'csr/cond':>8s}")
+    print("\ntimings (median us; kernel: CUDA graph, L2 flushed [* = events, no graph]; eager/compiled: wall "
+          "per call, back to back)")
+    print(f"  {'case':18s} {'way':8s} " + " ".join(f"{c:>8s}" for c in COLS) + f" {'floor':>7s} {'vs dense':>8s}"
+          + f" {'vs csr':>7s}")
     for r in RESULTS["timings"]:
-        cells = " ".join(f"{r[c]:9.1f}" if c in r else f"{'-':>9s}" for c in cols)
-        base = r.get("dense_fp32") if r.get("dtype", "fp32") == "fp32" else r.get("dense_bf16")
-        ratio = f"{base / r['condensed']:10.2f}" if base and r.get("condensed") else f"{'-':>10s}"
-        cr = f"{r['csr_fp32'] / r['condensed']:8.2f}" if r.get("csr_fp32") and r.get("condensed") else f"{'-':>8s}"
-        print(f"  {r.get('dtype', 'fp32'):5s} {r['sparsity']:5.2f} {r['batch']:5d} {cells} {ratio} {cr}")
+        ev = r.get("events", [])
+        cells = " ".join((f"{r[c]:7.1f}{'*' if c in ev else ' '}" if c in r else f"{'-':>8s}") for c in COLS)
+        ours = r.get(OURS[r["kind"]])
+        basec = "dense32" if r["dtype"] == "fp32" else "bf16"
+        vs = f"{r[basec] / ours:7.2f}x" if ours and r.get(basec) else f"{'-':>8s}"
+        vc = f"{r['csr32'] / ours:6.2f}x" if ours and r.get("csr32") else f"{'-':>7s}"
+        case = f"{r['dtype']} {r['sparsity']:.2f} B={r['batch']}"
+        print(f"  {case:18s} {r['kind']:8s} {cells} {r['floor']:7.1f} {vs} {vc}")
 
 
 def check_targets():
-    def find(sp, b, dtype="fp32"):
-        for r in RESULTS["timings"]:
-            if r["sparsity"] == sp and r["batch"] == b and r.get("dtype", "fp32") == dtype:
-                return r
-        return {}
-
-    specs = [("fp32 90% B=1: >= 1.7x dense F.linear", find(0.9, 1), "dense_fp32", 1.7),
-             (f"fp32 90% B={MID}: >= 2.0x cuBLAS fp32", find(0.9, MID), "dense_fp32", 2.0),
-             (f"fp32 90% B={MID}: >= 3.0x torch CSR", find(0.9, MID), "csr_fp32", 3.0),
-             (f"fp32 90% B={LARGE}: >= 2.0x dense", find(0.9, LARGE), "dense_fp32", 2.0),
-             (f"bf16 99% B={MID}: faster than dense bf16", find(0.99, MID, "bf16"), "dense_bf16", 1.0)]
-    print("\ntargets (same-run ratios):")
-    for name, row, base, want in specs:
-        if base in row and "condensed" in row:
-            got = row[base] / row["condensed"]
+    print("\ntargets (same-run ratios, each way against itself; ours = kernel: cond, eager: wrap, compiled: op):")
+    for name, (dtype, sp, batch), base, want in TARGETS:
+        parts = []
+        for kind in KINDS:
+            row = next((r for r in RESULTS["timings"] if (r["dtype"], r["sparsity"], r["batch"], r["kind"])
+                        == (dtype, sp, batch, kind)), {})
+            ours = row.get(OURS[kind])
+            if not ours or not row.get(base):
+                continue
+            got = row[base] / ours
             ok = got >= want if want > 1.0 else got > want
-            floor = row.get("l1_floor")
-            extra = f"  (cond {row['condensed']:.1f} us, L1 floor {floor:.1f} us)" if floor else ""
-            print(f"  [{'PASS' if ok else 'MISS'}] {name}: {got:.2f}x{extra}")
-            RESULTS["targets"].append(dict(target=name, ratio=got, want=want, ok=ok))
-        else:
-            print(f"  [ -- ] {name}: not measured")
-            RESULTS["targets"].append(dict(target=name, ratio=None, want=want, ok=None))
+            star = "*" if base in row.get("events", []) else ""
+            verdict = "dry" if DRY else ("PASS" if ok else "MISS")  # CPU timings judge nothing
+            parts.append(f"{kind} {verdict} {got:.2f}x{star}")
+            RESULTS["targets"].append(dict(target=name, way=kind, ratio=got, want=want, ok=ok))
+        print(f"  {name:42s} " + ("  ".join(parts) if parts else "not measured"))
 
 
 def record_configs(tlin):
     try:
-        for tag, tuner in tlin._TUNERS.items():
-            for key, cfg in getattr(tuner, "cache", {}).items():
-                RESULTS["configs"][f"{tag} {key}"] = str(cfg)
+        for key, cfg in tlin._BEST.items():
+            RESULTS["configs"][str(key)] = str(cfg)
     except Exception as e:  # noqa: BLE001
         RESULTS["errors"].append(f"configs: {e}")
     if RESULTS["configs"]:
@@ -351,20 +381,14 @@ def main() -> int:
         return 1
     torch.manual_seed(0)
     header()
-    try:
-        import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
-    except Exception as e:  # noqa: BLE001
-        RESULTS["errors"].append(f"import sparse_compile.kernels: {e}")
+    import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
     from sparse_compile.kernels import triton_conv as tconv
     from sparse_compile.kernels import triton_linear as tlin
 
     correctness(tlin, tconv)
-    op_correctness()
     timings(tlin)
     print_table()
     check_targets()
-    cuda_graph(tlin)
-    split_sweep(tlin)
     record_configs(tlin)
     if RESULTS["errors"]:
         print("\nerrors / skips:")

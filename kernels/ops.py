@@ -21,7 +21,6 @@ Design:
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import warnings
 from typing import List, Optional, Sequence
@@ -331,15 +330,6 @@ _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _grad_enabled = torch.is_grad_enabled
 
 
-def _direct_launch():
-    """Context for calling a wrap_triton launcher outside the triton_op: plain eager tensors need
-    no higher-order-op dispatch, which costs ~1 ms a call (triton_op's own eager path does this)."""
-    import torch._library.triton as tl
-
-    fn = getattr(tl, "set_wrap_triton_enabled", None)
-    return fn(False) if fn is not None else contextlib.nullcontext()
-
-
 def _linear_args_ok(x, values, indices, bias) -> bool:
     """The common case of check_linear_args in a few attribute reads (no messages built)."""
     try:
@@ -386,8 +376,7 @@ def condensed_linear(
         if dev == "cuda":
             fn = _triton_fn("triton_linear", "condensed_linear_triton")
             if fn is not None:
-                with _direct_launch():
-                    return fn(x, values, indices, bias)
+                return fn(x, values, indices, bias)
     return torch.ops.sparse_compile.condensed_linear(x, values, indices, bias)
 
 
@@ -417,6 +406,5 @@ def condensed_conv2d(
         if dev == "cuda":
             fn = _triton_fn("triton_conv", "condensed_conv2d_triton")
             if fn is not None:
-                with _direct_launch():
-                    return fn(x, values, indices, bias, ks, st, pd, dl)
+                return fn(x, values, indices, bias, ks, st, pd, dl)
     return torch.ops.sparse_compile.condensed_conv2d(x, values, indices, bias, ks, st, pd, dl)

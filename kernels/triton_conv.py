@@ -11,13 +11,18 @@ with out-of-image taps reading 0 (padding). No im2col buffer is built: a program
 consecutive ``m`` are neighbouring pixels of one row: for stride 1 the gather of one tap is a
 contiguous run of an input row, the NCHW analogue of the feature-major layout of the linear
 kernel). As in the linear kernel the ``[BLOCK_N, BLOCK_J, BLOCK_M]`` accumulator is reduced over
-``J`` once at the end, and the bias is fused. Autotuned on (out channels, k, output-size bucket).
+``J`` once at the end, and the bias is fused. The taps reach the kernel as an offset table (element
+offset and row/column shift per (o, j), built once per index tensor and x layout, like the CPU
+conv's), so the loop does no index arithmetic beyond one add and two compares per element.
+Autotuned on (out channels, k, output-size bucket).
 
 Run ``python kernels/triton_conv.py`` for a correctness check.
 """
 from __future__ import annotations
 
 import os
+import weakref
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -28,23 +33,30 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `im
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sparse_compile.kernels.triton_linear import _check, _pow2, needs_int64, run_kernel  # noqa: E402
+from sparse_compile.kernels.triton_launch import (  # noqa: E402
+    _pow2, cdiv, device_guard, needs_int64, run_kernel, tracing,
+)
+from sparse_compile.kernels.triton_linear import _check  # noqa: E402
 
 __all__ = ["condensed_conv2d_triton", "conv_configs"]
 
 
 @triton.jit
 def _condensed_conv2d_kernel(
-    x_ptr, v_ptr, i_ptr, bias_ptr, y_ptr,
-    C, H, W, O, HO, WO, k, M,
-    s_xn, s_xc, s_xh, s_xw, s_vn, s_vk, s_in, s_ik, s_yn, s_yc, s_yh, s_yw,
-    SH, SW, PH, PW, DH, DW,
+    x_ptr, v_ptr, t_ptr, r_ptr, bias_ptr, y_ptr,
+    H, W, O, HO, WO, k, M,
+    s_xn, s_xh, s_xw, s_vn, s_vk, s_tn, s_yn, s_yc, s_yh, s_yw,
+    SH, SW, PH, PW,
     M_BUCKET,  # autotune key only: the power-of-two output-size bucket
-    KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """One ``[BLOCK_N channels, BLOCK_M positions]`` output tile per program."""
+    """One ``[BLOCK_N channels, BLOCK_M positions]`` output tile per program.
+
+    The taps come as an offset table (see :func:`tap_tables`): ``t[o, j]`` is the element offset
+    of tap j of channel o relative to the window's corner, ``r[o, j] = dr << 16 | ds`` its row and
+    column shift (dilation included), so the loop does no index division; a tap is in the image
+    when ``h0 + dr`` and ``w0 + ds`` are below H and W as unsigned numbers (one compare each)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(O, BLOCK_N)
     pid_n = pid % num_n
@@ -71,24 +83,21 @@ def _condensed_conv2d_kernel(
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_J, BLOCK_M), dtype=tl.float32)
     v_rows = v_ptr + rn[:, None] * s_vn
-    i_rows = i_ptr + rn[:, None] * s_in
+    t_rows = t_ptr + rn[:, None] * s_tn
+    r_rows = r_ptr + rn[:, None] * s_tn
     for j0 in range(0, k, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
         m = n_ok[:, None] & (rj < k)[None, :]
-        idx = tl.load(i_rows + rj[None, :] * s_ik, mask=m, other=0)
-        if WIDE:
-            idx = idx.to(tl.int64)
-        else:
-            idx = idx.to(tl.int32)
+        tap = tl.load(t_rows + rj[None, :], mask=m, other=0)
+        rs = tl.load(r_rows + rj[None, :], mask=m, other=0)
         w = tl.load(v_rows + rj[None, :] * s_vk, mask=m, other=0.0).to(acc.dtype)
-        c = idx // (KH * KW)
-        dr = ((idx // KW) % KH) * DH
-        ds = (idx % KW) * DW
-        h = h0 + dr[:, :, None]
-        ww = w0 + ds[:, :, None]
-        ok = m_ok3 & (h >= 0) & (h < H) & (ww >= 0) & (ww < W)
-        off = x_m + (c * s_xc + dr * s_xh + ds * s_xw)[:, :, None]
-        g = tl.load(x_ptr + off, mask=ok, other=0.0)
+        dr = (rs >> 16)[:, :, None]
+        ds = (rs & 0xFFFF)[:, :, None]
+        if WIDE:
+            ok = m_ok3 & ((h0 + dr).to(tl.uint64) < H) & ((w0 + ds).to(tl.uint64) < W)
+        else:
+            ok = m_ok3 & ((h0 + dr).to(tl.uint32) < H) & ((w0 + ds).to(tl.uint32) < W)
+        g = tl.load(x_ptr + (x_m + tap[:, :, None]), mask=ok, other=0.0)
         acc += g.to(acc.dtype) * w[:, :, None]
     out = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]
     if HAS_BIAS:
@@ -97,9 +106,11 @@ def _condensed_conv2d_kernel(
     tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_J, BLOCK_M, num_warps, num_stages): 16 accumulators per thread. Every gathered
-# element carries its own 64-bit address, row/column and padding mask (taps cross row ends, so
-# nothing vectorises), which is why bigger tiles spill registers.
+# (BLOCK_N, BLOCK_J, BLOCK_M, num_warps, num_stages). With the offset table the loop body is
+# ~50 PTX instructions per accumulator at 16 accumulators a thread (the index-division version:
+# ~72) and ~34-38 at 32 (8 x 4 x 128, 16 x 2 x 128): more output positions per thread amortise
+# the per-tap work. Every gathered element still carries its own address and padding mask (taps
+# cross row ends, so nothing vectorises), which is why 32 x 2 x 64 and wider tiles spill.
 _CONV = [
     (16, 4, 32, 4, 1),
     (32, 2, 32, 4, 1),
@@ -107,6 +118,9 @@ _CONV = [
     (32, 4, 32, 8, 1),
     (64, 2, 32, 8, 1),
     (16, 4, 64, 8, 1),
+    (8, 4, 128, 4, 1),
+    (16, 2, 128, 4, 1),
+    (16, 1, 128, 4, 1),
 ]
 _CONV_DEFAULT = dict(BLOCK_N=4, BLOCK_J=4, BLOCK_M=16, num_warps=4, num_stages=1)
 
@@ -149,7 +163,6 @@ def condensed_conv2d_triton(
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{op}: x must be a 4-D [N, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    _check(x, values, indices, bias, None, op, fan_in=x.shape[1])
     kh, kw = _pair(kernel_size, "kernel_size")
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
@@ -157,6 +170,7 @@ def condensed_conv2d_triton(
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
                          f"{(kh, kw)}, {(sh, sw)}, {(dh, dw)}, {(ph, pw)}")
+    _check(x, values, indices, bias, None, op, fan_in=x.shape[1] * kh * kw)
     nb, c, h, w = x.shape
     n, k = values.shape
     if k > c * kh * kw:
@@ -173,29 +187,80 @@ def condensed_conv2d_triton(
         y = out
     else:
         y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[o] at unit stride
+    with device_guard(x.device):
+        _conv(x, values, indices, bias, y, (kh, kw), (sh, sw), (ph, pw), (dh, dw), config)
+    return y
+
+
+def _conv(x, values, indices, bias, y, ks, st, pd, dl, config) -> None:
+    """Fill ``y`` (the checked launcher's output) on the tensors' device."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = ks, st, pd, dl
+    nb, c, h, w = x.shape
+    n, k = values.shape
+    _, _, ho, wo = y.shape
+    shape = y.shape
+    op = "condensed_conv2d_triton"
     m_total = nb * ho * wo
     if m_total == 0 or n == 0:
-        return y
+        return
     if k == 0:
         if bias is None:
             y.zero_()
         else:
             y.copy_(bias.to(y.dtype)[None, :, None, None].expand(shape))
-        return y
-    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64,
-                WIDE=needs_int64(x, values, indices, y))
+        return
+    traced = tracing(x)
+    taps, shifts = tap_tables(indices, (kh, kw), (dh, dw), x.stride()[1:], traced)
+    meta = dict(HAS_BIAS=bias is not None, ACC_F64=x.dtype == torch.float64,
+                WIDE=needs_int64(x, values, y) or taps.dtype == torch.int64)
     bucket = min(_pow2(m_total), 1 << 16)
 
     def grid(m):
-        return (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(m_total, m["BLOCK_M"]),)
+        return (cdiv(n, m["BLOCK_N"]) * cdiv(m_total, m["BLOCK_M"]),)
 
-    args = (x, values, indices, bias if bias is not None else values, y,
-            c, h, w, n, ho, wo, k, m_total,
-            *x.stride(), values.stride(0), values.stride(1), indices.stride(0), indices.stride(1), *y.stride(),
-            sh, sw, ph, pw, dh, dw, bucket)
+    # taps is listed where run_kernel expects the index tensor (its dtype keys the autotune cache).
+    args = (x, values, taps, shifts, bias if bias is not None else values, y,
+            h, w, n, ho, wo, k, m_total,
+            x.stride(0), x.stride(2), x.stride(3), values.stride(0), values.stride(1), taps.stride(0), *y.stride(),
+            sh, sw, ph, pw, bucket)
     run_kernel(_condensed_conv2d_kernel, grid, args, meta, config, ("conv",), conv_configs(),
                ["O", "k", "M_BUCKET"], _CONV_DEFAULT, op)
-    return y
+
+
+_TAPS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TAPS_MAX = 64
+
+
+def tap_tables(indices: torch.Tensor, kernel_size, dilation, x_strides, traced: bool = False):
+    """``(taps, shifts)`` for the conv kernel, both ``[n, k]`` contiguous.
+
+    ``taps[o, j] = c*s_xc + r*dh*s_xh + s*dw*s_xw`` (int32, int64 past int32) and
+    ``shifts[o, j] = (r*dh) << 16 | s*dw`` for ``(c, r, s)`` = tap ``indices[o, j]`` of a
+    ``kernel_size`` window. Cached per (indices tensor, version, geometry, x's strides) in eager
+    calls, so a layer pays the few elementwise launches once; recomputed when traced."""
+    kh, kw = kernel_size
+    dh, dw = dilation
+    s_xc, s_xh, s_xw = (int(v) for v in x_strides)
+    key = (id(indices), kh, kw, dh, dw, s_xc, s_xh, s_xw)
+    if not traced:
+        hit = _TAPS.get(key)
+        if hit is not None and hit[0]() is indices and hit[1] == indices._version:
+            return hit[2]
+    idx = indices.long()
+    r = (idx // kw) % kh * dh
+    s = idx % kw * dw
+    taps = (idx // (kh * kw)) * s_xc + r * s_xh + s * s_xw
+    if (kh - 1) * dh >= 2**15 or (kw - 1) * dw >= 2**16:
+        raise ValueError(f"condensed_conv2d_triton: kernel {kernel_size} x dilation {dilation} too large")
+    wide = taps.numel() > 0 and int(taps.abs().max()) >= 2**31 - 1 if not traced else False
+    out = (taps.to(torch.int64 if wide else torch.int32).contiguous(), ((r << 16) | s).to(torch.int32).contiguous())
+    if not traced:
+        _TAPS[key] = (weakref.ref(indices), indices._version, out)
+        if len(_TAPS) > _TAPS_MAX:
+            _TAPS.popitem(last=False)
+    return out
 
 
 def _main() -> None:

@@ -18,21 +18,23 @@
   times from L1. The accumulator keeps the fan-in step axis and is summed over it once, at the
   end (no per-step cross-lane reduction); bias and the store back to row-major ``y`` are fused.
   When the batch alone gives too few programs to fill the GPU, the fan-in is split across
-  programs and a second small kernel adds the partial sums (deterministic, no atomics).
+  programs (``SPLIT``, an autotuned config parameter); the last program of each tile to finish
+  adds the partial sums in a fixed order (deterministic, one launch).
 
 Both accumulate in fp32 (fp64 for fp64 inputs). Autotuned with ``triton.autotune``, keyed on
 ``n``, ``k`` and the batch bucket (and the dtypes); each batch / fan-in bucket has its own short
 config list. Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the autotuner cannot benchmark,
 so a small fixed config is used unless ``config=`` pins one.
 
-Launches go through ``torch.library.wrap_triton`` when available so the kernels are visible to
-inductor when this launcher runs inside a ``torch.library.triton_op``.
+Plain eager calls launch the kernels directly; while tracing or compiling (dynamo, make_fx,
+export, fake tensors) launches go through ``torch.library.wrap_triton``, so the kernels are visible
+to inductor when this launcher runs inside a ``torch.library.triton_op``.
 
 Run ``python kernels/triton_linear.py`` for a correctness check and a small benchmark.
 """
 from __future__ import annotations
 
-import inspect
+import functools
 import os
 from typing import Dict, List, Optional
 
@@ -45,12 +47,16 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from sparse_compile.kernels.reference import condensed_linear_ref  # noqa: E402
+from sparse_compile.kernels.triton_launch import (  # noqa: E402,F401  (re-exported: older imports)
+    _BEST, _TUNERS, _pow2, cdiv, device_guard, interpreting, launch, needs_int64, run_kernel, tracing, tuner,
+)
 
 
 __all__ = [
     "condensed_linear_triton",
     "linear_configs",
     "to_feature_major",
+    "pad_fan_in",
     "condensed_linear_ref",
     "GEMV_MAX_BATCH",
 ]
@@ -62,6 +68,8 @@ GEMV_MAX_BATCH = 16
 _LARGE_BATCH = 512
 
 _INDEX_DTYPES = (torch.int16, torch.int32)
+#: Largest fan-in int16 indices can address (indices up to 32767; beyond, they sign-extend).
+INT16_MAX_FAN_IN = 2**15
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _I32_MAX = 2**31 - 1
 
@@ -116,12 +124,13 @@ def _condensed_gemv_kernel(
 
 @triton.jit
 def _condensed_fm_kernel(
-    xt_ptr, v_ptr, i_ptr, bias_ptr, y_ptr,
-    B, Bp, n, k, k_per_split, num_splits,
-    s_xi, s_xb, s_vn, s_vk, s_in, s_ik, s_yb, s_yn, s_ys,
+    xt_ptr, v_ptr, i_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    B, Bp, n, k,
+    s_xi, s_xb, s_vn, s_vk, s_in, s_ik, s_yb, s_yn,
     B_BUCKET,  # autotune key only: the power-of-two batch bucket
     HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, REP_B: tl.constexpr, SUB_B: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Batched kernel on feature-major ``xt [in, Bp]``: gathers are contiguous batch slices.
 
@@ -130,29 +139,30 @@ def _condensed_fm_kernel(
     lanes of a warp and the REP_B sub-blocks stay in each thread's registers, so one index and one
     weight feed REP_B vector gathers, and triton loads them straight into the registers that
     need them (a 3-D ``[BLOCK_N, BLOCK_J, BLOCK_B]`` tile makes it stage them through shared
-    memory behind barriers on every step). The next step's indices and weights are loaded before
-    this step's gathers, so their latency overlaps.
+    memory behind barriers on every step).
 
     Columns ``B <= b < Bp`` of ``xt`` exist (padding) but are never stored: loading them keeps the
-    gather mask constant over 16 lanes, so the loads stay vectorised. With ``num_splits > 1`` the
-    fan-in is cut into chunks of ``k_per_split`` and split ``s`` writes its partial sums to
-    ``y_ptr + s * s_ys`` (a workspace that :func:`_split_sum_kernel` reduces); as indices are
-    sorted, a chunk of the fan-in only touches a band of ``xt``'s rows.
+    gather mask constant over 16 lanes, so the loads stay vectorised. With ``SPLIT > 1`` the
+    fan-in is cut into SPLIT chunks (16-aligned), one program each; every program stores its
+    partial tile to the fp32 workspace ``ws``, and the last of a tile's programs to arrive (an
+    atomic counter per tile) adds the SPLIT partials in split order, adds the bias and writes
+    ``y``: deterministic whatever the arrival order, and no second launch. It then resets the
+    counter to 0, so the counter buffer can be reused without clearing.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(n, BLOCK_N)
     pid_n = pid % num_n
-    pid_s = (pid // num_n) % num_splits
-    pid_b = pid // (num_n * num_splits)
+    pid_s = (pid // num_n) % SPLIT
+    pid_b = pid // (num_n * SPLIT)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rb = pid_b * (REP_B * SUB_B) + tl.arange(0, REP_B)[:, None] * SUB_B + tl.arange(0, SUB_B)[None, :]
     if WIDE:
         rn = rn.to(tl.int64)
         rb = rb.to(tl.int64)
-        pid_s = pid_s.to(tl.int64)
     n_ok = rn < n
-    j_lo = pid_s * k_per_split
-    j_hi = tl.minimum(j_lo + k_per_split, k)
+    k_per = tl.cdiv(tl.cdiv(k, SPLIT), 16) * 16
+    j_lo = pid_s * k_per
+    j_hi = tl.minimum(j_lo + k_per, k)
     if ACC_F64:
         acc = tl.zeros((REP_B, BLOCK_N, BLOCK_J, SUB_B), dtype=tl.float64)
     else:
@@ -163,46 +173,42 @@ def _condensed_fm_kernel(
     b_load = (rb < Bp)[:, None, None, :]
     # Masked (n, j) lanes read index 0 with weight 0: a valid row, so the gather needs no per-lane
     # mask beyond the batch one.
-    rj = j_lo + tl.arange(0, BLOCK_J)
-    m = n_ok[:, None] & (rj < j_hi)[None, :]
-    idx = tl.load(i_rows + rj[None, :] * s_ik, mask=m, other=0)
-    w = tl.load(v_rows + rj[None, :] * s_vk, mask=m, other=0.0)
     for j0 in range(j_lo, j_hi, BLOCK_J):
-        rj = j0 + BLOCK_J + tl.arange(0, BLOCK_J)
+        rj = j0 + tl.arange(0, BLOCK_J)
         m = n_ok[:, None] & (rj < j_hi)[None, :]
-        idx_next = tl.load(i_rows + rj[None, :] * s_ik, mask=m, other=0)
-        w_next = tl.load(v_rows + rj[None, :] * s_vk, mask=m, other=0.0)
+        idx = tl.load(i_rows + rj[None, :] * s_ik, mask=m, other=0)
+        w = tl.load(v_rows + rj[None, :] * s_vk, mask=m, other=0.0)
         if WIDE:
             off = idx.to(tl.int64) * s_xi
         else:
             off = idx.to(tl.int32) * s_xi
         g = tl.load(x_cols + off[None, :, :, None], mask=b_load, other=0.0)
         acc += g.to(acc.dtype) * w.to(acc.dtype)[None, :, :, None]
-        idx = idx_next
-        w = w_next
     out = tl.sum(acc, axis=2)  # [REP_B, BLOCK_N, SUB_B]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :, None]
-    y = y_ptr + pid_s * s_ys + rb[:, None, :] * s_yb + rn[None, :, None] * s_yn
-    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_ok[None, :, None] & (rb < B)[:, None, :])
-
-
-@triton.jit
-def _split_sum_kernel(ws_ptr, bias_ptr, y_ptr, total, n, num_splits, s_ws,
-                      HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    """``y.flat = sum_s ws[s].flat (+ bias)``: the fan-in splits of :func:`_condensed_fm_kernel`."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    if WIDE:
-        offs = offs.to(tl.int64)
-    ok = offs < total
-    p = ws_ptr + offs
-    acc = tl.load(p, mask=ok, other=0.0)
-    for _ in range(1, num_splits):
-        p += s_ws  # pointer arithmetic is 64-bit: no int32 overflow on big workspaces
-        acc += tl.load(p, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % n, mask=ok, other=0.0).to(acc.dtype)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    y_mask = n_ok[None, :, None] & (rb < B)[:, None, :]
+    y = y_ptr + rb[:, None, :] * s_yb + rn[None, :, None] * s_yn
+    if SPLIT > 1:
+        # Workspace: [tiles, SPLIT, REP_B, BLOCK_N, SUB_B], contiguous; tile = pid without split.
+        tile = pid_b * num_n + pid_n
+        TILE: tl.constexpr = REP_B * BLOCK_N * SUB_B
+        t_off = (tl.arange(0, REP_B)[:, None, None] * (BLOCK_N * SUB_B)
+                 + tl.arange(0, BLOCK_N)[None, :, None] * SUB_B + tl.arange(0, SUB_B)[None, None, :])
+        ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT * TILE) + t_off
+        tl.store(ws_tile + pid_s * TILE, out)
+        tl.debug_barrier()  # every thread's partial is stored before the counter is bumped
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.load(ws_tile, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT):
+                total += tl.load(ws_tile + s * TILE, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(total.dtype)[None, :, None]
+            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :, None]
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -227,97 +233,28 @@ def _to_feature_major_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch helpers (shared with triton_conv.py)
+# Launch helpers: kernels/triton_launch.py
 # ---------------------------------------------------------------------------------------------
-def interpreting() -> bool:
-    """True when triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _runs_here(device: torch.device) -> bool:
+    """Whether the launchers can run on ``device``: CUDA, or anything under the interpreter."""
+    return device.type == "cuda" or interpreting()
 
-
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch through ``torch.library.wrap_triton`` (visible to inductor inside a triton_op)
-    when this torch has it, else directly."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is not None and not interpreting():
-        wrap(kernel)[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
-
-
-def needs_int64(*tensors: torch.Tensor) -> bool:
-    """Whether any element offset of these tensors can exceed int32 (then kernels use int64)."""
-    for t in tensors:
-        if t.numel() and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) >= _I32_MAX:
-            return True
-    return False
-
-
-def _tune_bench(fn, quantiles=None, **_):
-    # Short runs: the configs differ by tens of percent, and the default (25 ms warm-up, 100 ms
-    # per config) makes first calls and max-autotune slow.
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-_TUNERS: Dict[tuple, object] = {}
-
-
-def tuner(tag: tuple, kernel, configs: List[dict], key: List[str]):
-    """The (cached) ``triton.autotune`` wrapper of ``kernel`` for one config list ``tag``."""
-    t = _TUNERS.get(tag)
-    if t is None:
-        params = inspect.signature(triton.autotune).parameters
-        extra = {}
-        if "do_bench" in params:
-            extra["do_bench"] = _tune_bench
-        if "cache_results" in params:
-            extra["cache_results"] = True
-        cfgs = [_to_config(c) for c in configs]
-        t = triton.autotune(configs=cfgs, key=key, **extra)(kernel)
-        _TUNERS[tag] = t
-    return t
-
-
-def _to_config(c: dict):
-    c = dict(c)
-    num_warps = c.pop("num_warps", 4)
-    num_stages = c.pop("num_stages", 1)
-    return triton.Config(c, num_warps=num_warps, num_stages=num_stages)
-
-
-def run_kernel(kernel, grid, args: tuple, meta: dict, config: Optional[dict], tag: tuple,
-               configs: List[dict], key: List[str], default: dict, arg: str) -> None:
-    """Launch ``kernel`` with a pinned ``config``, or autotuned over ``configs``.
-
-    Interpreted runs cannot autotune (no device to time on), so they use ``default``.
-    """
-    if config is None and interpreting():
-        config = default
-    if config is not None:
-        names = {k for k in default if k not in ("num_warps", "num_stages")}
-        given = {k for k in config if k not in ("num_warps", "num_stages")}
-        if given != names:
-            raise ValueError(f"{arg}: config must set exactly {sorted(names)} (plus optional num_warps, "
-                             f"num_stages), got {sorted(given)}")
-        launch(kernel, grid, *args, **meta, **config)
-    else:
-        launch(tuner(tag, kernel, configs, key), grid, *args, **meta)
 
 
 # ---------------------------------------------------------------------------------------------
 # Config lists (kept short: each config costs a compile and a timing on the first call of a key)
 # ---------------------------------------------------------------------------------------------
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
+@functools.lru_cache(maxsize=None)
 def _gemv_configs(b_bucket: int, k_bucket: int) -> List[dict]:
     out, seen = [], set()
+    if b_bucket == 1:  # one neuron per program on 4 warps led the H200 sweep at 90% (5.8 us)
+        out.append(dict(BLOCK_B=1, BLOCK_N=1, BLOCK_K=k_bucket, num_warps=max(1, min(4, k_bucket // 128)),
+                        num_stages=1))
+        seen.add((1, 1, k_bucket))
     blocks_b = [b_bucket] if b_bucket < 8 else [b_bucket, b_bucket // 4]
     for bb in blocks_b:
-        if bb == 1:
-            neuron_blocks = (2, 4, 8, 16)
+        if bb == 1:  # 8 and 16 neurons per program trailed by >10% in the H200 sweep (k = 307)
+            neuron_blocks = (2, 4)
         elif bb == b_bucket:
             neuron_blocks = (2, 4, 8)
         else:  # a quarter of the batch per program: 4x the programs, indices re-read from L2
@@ -334,51 +271,86 @@ def _gemv_configs(b_bucket: int, k_bucket: int) -> List[dict]:
     return out
 
 
-# (BLOCK_N, BLOCK_J, REP_B, SUB_B, num_warps). SUB_B columns = one 128-byte line per gathered
-# row (32 fp32 / 64 bf16); REP_B such lines per index. More neurons per program = more L1 reuse
-# of each gathered row (a row serves ~BLOCK_N * k / in of them) but fewer programs, which the
-# fan-in splits make up for. All entries compile for sm_90 without spills and without shared
-# memory in the loop (checked with ptxas); ~80-130 registers.
+# (BLOCK_N, BLOCK_J, REP_B, SUB_B, num_warps, SPLIT[, maxnreg]). SUB_B columns = one 128-byte line
+# per gathered row (32 fp32 / 64 bf16); REP_B such lines per index. More neurons per program =
+# more L1 reuse of each gathered row but fewer programs; SPLIT cuts the fan-in across programs
+# (reduced in the kernel) where the batch alone gives too few. Picked from a sweep on an H200
+# (bench/triton_sweep.py, ViT-B fc2 768 x 3072 at 90/99%, batch 256/2048): 16 x 8 x (1-2 lines)
+# tiles on 4 warps led every case; maxnreg=128 helped the bf16 99% tiles (8.0 vs 9.1 us).
+# tests/kernels/test_triton_compile.py compiles every entry for sm_90 and checks for spills.
 _FM_CONFIGS = {
-    (4, False): [(128, 1, 2, 32, 8), (64, 2, 2, 32, 8), (32, 4, 2, 32, 8), (16, 4, 2, 32, 4),
-                 (64, 1, 4, 32, 8), (32, 2, 4, 32, 4)],
-    (4, True): [(128, 1, 2, 32, 8), (64, 2, 2, 32, 8), (64, 1, 4, 32, 8), (128, 1, 4, 32, 8),
-                (64, 1, 4, 32, 4), (32, 2, 4, 32, 4)],
-    (2, False): [(128, 1, 2, 64, 8), (64, 2, 2, 64, 8), (32, 4, 2, 64, 8), (128, 1, 2, 32, 8),
-                 (32, 4, 2, 32, 8), (64, 2, 4, 32, 8)],
-    (2, True): [(128, 1, 2, 64, 8), (64, 2, 2, 64, 8), (32, 4, 2, 64, 8), (64, 2, 4, 32, 8),
-                (128, 1, 4, 32, 8), (128, 1, 2, 32, 8)],
+    (4, False): [(16, 8, 2, 32, 4, 2), (16, 8, 2, 32, 4, 4), (16, 8, 1, 32, 4, 1), (16, 8, 1, 32, 4, 1, 128),
+                 (32, 4, 2, 32, 4, 2), (32, 8, 1, 32, 8, 1), (32, 4, 2, 32, 8, 4)],
+    (4, True): [(16, 8, 2, 32, 4, 1), (32, 4, 2, 32, 4, 1), (64, 2, 2, 32, 4, 1), (16, 8, 2, 32, 4, 2),
+                (64, 1, 4, 32, 4, 1)],
+    (2, False): [(32, 8, 1, 64, 8, 1, 128), (16, 8, 1, 64, 4, 1, 128), (16, 8, 1, 64, 4, 2), (32, 4, 1, 64, 4, 2),
+                 (16, 8, 1, 64, 4, 4), (32, 4, 1, 64, 4, 6)],
+    (2, True): [(16, 8, 1, 64, 4, 1), (32, 4, 1, 64, 4, 1), (32, 8, 1, 64, 8, 1, 128), (64, 4, 1, 64, 8, 1),
+                (16, 8, 1, 64, 4, 2)],
 }
 
 
-def _fm_configs(large: bool, elem_size: int = 4) -> List[dict]:
+@functools.lru_cache(maxsize=None)
+def _fm_configs(large: bool, elem_size: int = 4, split: Optional[int] = None, small_k: bool = False) -> List[dict]:
+    """The batched kernel's candidates; ``split`` pins SPLIT, ``small_k`` (k < 64) drops the split
+    entries (chunks of 16 would leave most splits empty, and an H200 run's autotuner, timing
+    them noisily, picked one at bf16 99% / batch 256: 13.0 us against 10.9 us unsplit)."""
     table = _FM_CONFIGS[(2 if elem_size == 2 else 4, large)]  # fp64 uses the fp32 tiles
-    return [dict(BLOCK_N=a, BLOCK_J=b, REP_B=r, SUB_B=c, num_warps=w, num_stages=1) for a, b, r, c, w in table]
+    if small_k and split is None:
+        table = [t for t in table if t[5] == 1] or table
+    out, seen = [], set()
+    for a, b, r, c, w, sp, *reg in table:
+        cfg = dict(BLOCK_N=a, BLOCK_J=b, REP_B=r, SUB_B=c, SPLIT=sp if split is None else split, num_warps=w,
+                   num_stages=1)
+        if reg:
+            cfg["maxnreg"] = reg[0]
+        key = tuple(cfg.items())
+        if key not in seen:  # a pinned split can make two entries equal
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _fm_key(large: bool, elem_size: int, split: Optional[int], small_k: bool) -> tuple:
+    """The config list of :func:`_fm_configs` as a hashable tuple (for :func:`_split_space`)."""
+    return tuple(tuple(sorted(c.items())) for c in _fm_configs(large, elem_size, split, small_k))
+
+
+def _split_space(n, B, configs: tuple) -> tuple:
+    """(workspace elements, counters) that the split batched kernel needs under any of ``configs``
+    (sorted item tuples); (0, 0) when none of them splits. Sizes may be symbolic (tracing)."""
+    ws = cnt = 0
+    for items in configs:
+        c = dict(items)
+        if c["SPLIT"] > 1:
+            tiles = cdiv(n, c["BLOCK_N"]) * cdiv(B, c["REP_B"] * c["SUB_B"])
+            ws = max(ws, tiles * c["SPLIT"] * c["REP_B"] * c["BLOCK_N"] * c["SUB_B"])
+            cnt = max(cnt, tiles)
+    return ws, cnt
+
+
+_split_space_cached = functools.lru_cache(maxsize=1024)(_split_space)
 
 
 # Small tiles for the interpreter: several programs and partial tiles even on tiny test shapes.
 _GEMV_DEFAULT = dict(BLOCK_B=2, BLOCK_N=4, BLOCK_K=8, num_warps=1, num_stages=1)
-_FM_DEFAULT = dict(BLOCK_N=8, BLOCK_J=4, REP_B=2, SUB_B=8, num_warps=4, num_stages=1)
+_FM_DEFAULT = dict(BLOCK_N=8, BLOCK_J=4, REP_B=2, SUB_B=8, SPLIT=1, num_warps=4, num_stages=1)
+
+#: Per-device tile counters of the split batched kernel, kept zeroed by the kernel itself.
+_COUNTERS: Dict[torch.device, torch.Tensor] = {}
 
 
-_SM_COUNT: Dict[int, int] = {}
-
-
-def _auto_splits(n: int, B: int, k: int, device: torch.device) -> int:
-    """Fan-in splits for the batched kernel: a typical tile (64 neurons x 64 batch columns)
-    gives too few programs on mid-size batches (768 x 256 -> 48 tiles for 132 SMs), and
-    shrinking the tile instead would cut the L1 reuse of gathered rows that the kernel lives on.
-    Aims at two programs per SM, with chunks of at least 32 fan-in entries."""
-    if device.type != "cuda" or k < 64:
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    tiles = triton.cdiv(n, 64) * triton.cdiv(B, 64)
-    want = 2 * _SM_COUNT[idx]
-    if tiles >= want:
-        return 1
-    return max(1, min(triton.cdiv(want, tiles), k // 32, 8))
+def _counters(device: torch.device, tiles: int, traced: bool) -> torch.Tensor:
+    """At least ``tiles`` zeroed int32 counters on ``device``: a persistent buffer in eager calls
+    (each split kernel leaves it zeroed), a fresh one when traced (no hidden state in graphs).
+    Launches of split kernels on two streams at once would share the buffer: not supported."""
+    if traced:
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = _COUNTERS[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def _buckets(B: int, k: int):
@@ -389,9 +361,9 @@ def linear_configs(kernel: str, batch: int, k: int, dtype: torch.dtype = torch.f
     """The autotune config list (as pinnable dicts) that ``kernel`` ("gemv" or "batched") uses at
     this batch size, fan-in and dtype of x."""
     if kernel == "gemv":
-        return _gemv_configs(*_buckets(batch, k))
+        return [dict(c) for c in _gemv_configs(*_buckets(batch, k))]
     if kernel == "batched":
-        return _fm_configs(_pow2(batch) > _LARGE_BATCH, dtype.itemsize)
+        return [dict(c) for c in _fm_configs(_pow2(batch) > _LARGE_BATCH, dtype.itemsize, None, k < 64)]
     raise ValueError(f"kernel must be 'gemv' or 'batched', got {kernel!r}")
 
 
@@ -399,7 +371,10 @@ def linear_configs(kernel: str, batch: int, k: int, dtype: torch.dtype = torch.f
 # Launchers
 # ---------------------------------------------------------------------------------------------
 def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=None):
-    """Shape / dtype / device checks shared by the launchers; errors name the faulty argument."""
+    """Shape / dtype / device checks shared by the launchers; errors name the faulty argument.
+
+    ``fan_in``: the size the indices address (default: x's last dimension, which k must not
+    exceed). int16 indices are rejected past ``INT16_MAX_FAN_IN``: the kernels sign-extend them."""
     for name, t in (("x", x), ("values", values), ("indices", indices)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -413,8 +388,13 @@ def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=N
                         "float32 or float64")
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{op}: indices dtype {indices.dtype} must be int16 or int32")
-    if fan_in is None and values.shape[1] > x.shape[-1]:
-        raise ValueError(f"{op}: k = {values.shape[1]} exceeds x's fan-in {x.shape[-1]}")
+    if fan_in is None:
+        fan_in = x.shape[-1]
+        if values.shape[1] > fan_in:
+            raise ValueError(f"{op}: k = {values.shape[1]} exceeds x's fan-in {fan_in}")
+    if indices.dtype == torch.int16 and fan_in > INT16_MAX_FAN_IN:
+        raise ValueError(f"{op}: int16 indices cannot address a fan-in of {fan_in} (> {INT16_MAX_FAN_IN}): "
+                         "use int32 indices")
     devs = {("x", x.device), ("values", values.device), ("indices", indices.device)}
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (values.shape[0],):
@@ -426,13 +406,29 @@ def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=N
     if len({d for _, d in devs}) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got "
                          + ", ".join(f"{n}={d}" for n, d in sorted(devs, key=str)))
-    if x.device.type != "cuda" and not interpreting():
+    if not _runs_here(x.device):
         raise RuntimeError(f"{op}: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            f"imported, for CPU tensors); x is on {x.device}")
     if out is not None:
         want = (*x.shape[:-1], values.shape[0])
         if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
             raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {want} on {x.device}")
+
+
+def pad_fan_in(values: torch.Tensor, indices: torch.Tensor, multiple: int = 16):
+    """``(values, indices)`` with k padded to a multiple of ``multiple`` by (weight 0, index 0)
+    entries, contiguous: same results, and rows start 16-element aligned, so triton loads the
+    weights and indices of a row with vector loads (ld.global.v4 / v2 instead of scalar ones).
+    Meant for conversion time (a copy per call would cost more than it saves)."""
+    n, k = values.shape
+    kp = -(-k // multiple) * multiple
+    if kp == k and values.is_contiguous() and indices.is_contiguous():
+        return values, indices
+    v = values.new_zeros((n, kp))
+    i = indices.new_zeros((n, kp))
+    v[:, :k] = values
+    i[:, :k] = indices
+    return v, i
 
 
 def to_feature_major(x2: torch.Tensor):
@@ -450,7 +446,7 @@ def to_feature_major(x2: torch.Tensor):
     if interpreting() and bp > B:
         xt[:, B:].zero_()  # only silences numpy overflow warnings on garbage pads; a launch on GPU
     bb, bi = 64, 64
-    grid = (triton.cdiv(B, bb) * triton.cdiv(fan_in, bi),)
+    grid = (cdiv(B, bb) * cdiv(fan_in, bi),)
     launch(_to_feature_major_kernel, grid, x2, xt, B, fan_in, x2.stride(0), x2.stride(1), xt.stride(0),
            WIDE=needs_int64(x2, xt), BLOCK_B=bb, BLOCK_I=bi, num_warps=4)
     return xt, bp
@@ -476,13 +472,21 @@ def condensed_linear_triton(
 
     ``kernel``: "auto" (GEMV up to ``GEMV_MAX_BATCH`` rows, else feature-major), "gemv" or
     "batched". ``config``: a dict from :func:`linear_configs` (or the same keys) to pin instead of
-    autotuning. ``split_k``: fan-in chunks for the batched kernel (None: enough to give every SM
-    two programs when the batch alone cannot; partial sums go through an fp32 workspace and a
-    second, deterministic reduction kernel). ``out``: a contiguous output tensor to write into.
+    autotuning. ``split_k``: fan-in chunks for the batched kernel (None: autotuned; partial sums go
+    through an fp32 workspace and are added in split order by the tile's last program, so results
+    do not depend on scheduling). ``out``: a contiguous output tensor to write into.
     """
     _check(x, values, indices, bias, out)
     if kernel not in ("auto", "gemv", "batched"):
         raise ValueError(f"condensed_linear_triton: kernel must be 'auto', 'gemv' or 'batched', got {kernel!r}")
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias[i] at unit stride
+    with device_guard(x.device):
+        return _linear(x, values, indices, bias, kernel, config, split_k, out)
+
+
+def _linear(x, values, indices, bias, kernel, config, split_k, out):
+    """:func:`condensed_linear_triton` after its checks, on the tensors' device."""
     n, k = values.shape
     fan_in = x.shape[-1]
     y = out if out is not None else torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
@@ -508,41 +512,44 @@ def condensed_linear_triton(
         bb, kb = _buckets(B, k)
 
         def grid(m):
-            return (triton.cdiv(n, m["BLOCK_N"]) * triton.cdiv(B, m["BLOCK_B"]),)
+            return (cdiv(n, m["BLOCK_N"]) * cdiv(B, m["BLOCK_B"]),)
 
         args = (x2, values, indices, b_arg, y, B, n, k, x2.stride(0), x2.stride(1), *common)
         run_kernel(_condensed_gemv_kernel, grid, args, meta, config, ("gemv", bb, kb),
                    _gemv_configs(bb, kb), ["n", "k"], _GEMV_DEFAULT, "condensed_linear_triton")
     else:
         xt, bp = to_feature_major(x2)
-        splits = _auto_splits(n, B, k, x.device) if split_k is None else int(split_k)
-        if splits < 1:
+        if split_k is not None and int(split_k) < 1:
             raise ValueError(f"condensed_linear_triton: split_k must be >= 1, got {split_k}")
-        k_per = triton.cdiv(triton.cdiv(k, splits), 16) * 16  # chunk starts stay 32-byte aligned
-        splits = triton.cdiv(k, k_per)
-        if splits > 1:
-            acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            dst = torch.empty((splits, B, n), dtype=acc_dtype, device=x.device)
-            fm_meta = dict(meta, HAS_BIAS=False)
-            dst_strides = (dst.stride(1), dst.stride(2), dst.stride(0))
-        else:
-            dst, fm_meta, dst_strides = y, meta, (n, 1, 0)
-        fm_meta["WIDE"] = needs_int64(xt, values, indices, dst)
+        sk = None if split_k is None else int(split_k)
+        if config is not None and (sk is not None or "SPLIT" not in config):
+            config = dict(config, SPLIT=sk or config.get("SPLIT", 1))
+        meta["WIDE"] = needs_int64(xt, values, indices, y)
         bucket = _pow2(B)
         large = bucket > _LARGE_BATCH
+        esize = x.element_size()
+        small_k = k < 64
+        configs = _fm_configs(large, esize, sk, small_k)
+        traced = tracing(x)
+        cands = (tuple(sorted(config.items())),) if config is not None else _fm_key(large, esize, sk, small_k)
+        ws_elems, n_cnt = (_split_space if traced else _split_space_cached)(n, B, cands)
+        if ws_elems:
+            acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            ws = torch.empty(ws_elems, dtype=acc_dtype, device=x.device)
+            cnt = _counters(x.device, n_cnt, traced)
+        elif traced:  # distinct placeholders: a traced kernel must not get y (mutated) twice
+            ws = torch.empty(1, dtype=torch.float32, device=x.device)
+            cnt = torch.empty(1, dtype=torch.int32, device=x.device)
+        else:
+            ws, cnt = y, indices  # never touched when SPLIT == 1
 
         def grid(m):
-            return (triton.cdiv(n, m["BLOCK_N"]) * splits * triton.cdiv(B, m["REP_B"] * m["SUB_B"]),)
+            return (cdiv(n, m["BLOCK_N"]) * m["SPLIT"] * cdiv(B, m["REP_B"] * m["SUB_B"]),)
 
-        args = (xt, values, indices, b_arg, dst, B, bp, n, k, k_per, splits, xt.stride(0), xt.stride(1),
-                *common[:4], *dst_strides, bucket)
-        esize = x.element_size()
-        run_kernel(_condensed_fm_kernel, grid, args, fm_meta, config, ("fm", large, esize), _fm_configs(large, esize),
-                   ["n", "k", "B_BUCKET", "num_splits"], _FM_DEFAULT, "condensed_linear_triton")
-        if splits > 1:
-            total, block = B * n, 1024
-            launch(_split_sum_kernel, (triton.cdiv(total, block),), dst, b_arg, y, total, n, splits,
-                   dst.stride(0), HAS_BIAS=bias is not None, WIDE=needs_int64(dst), BLOCK=block, num_warps=4)
+        args = (xt, values, indices, b_arg, y, ws, cnt, B, bp, n, k, xt.stride(0), xt.stride(1), *common[:4], n, 1,
+                bucket)
+        run_kernel(_condensed_fm_kernel, grid, args, meta, config, ("fm", large, esize, sk, small_k), configs,
+                   ["n", "k", "B_BUCKET"], _FM_DEFAULT, "condensed_linear_triton")
     return y
 
 
