@@ -78,6 +78,27 @@ inline void store_tile(const float (&tile)[kTile][W], int64_t nq, int64_t cols, 
     for (int64_t q = 0; q < nq; ++q) out[(l0 + c) * n + i + q] = static_cast<O>(tile[q][c]);
 }
 
+// L2 budgets of the 2-D tiling below (Zen 4 and recent Intel cores have 1-2 MB of L2).
+constexpr int64_t kL2X = 384 << 10, kL2W = 256 << 10;
+
+// Calls f(blk, i8, nq) for every column block and 16-neuron group of neurons [i0, i1), in 2-D
+// tiles: a group of column blocks whose xT slices fit kL2X, times a chunk of neurons whose
+// values + indices fit kL2W. Block-outer order alone re-streams all the weights from L3 once per
+// column block (13 times at 197 rows, 16 columns); neuron-outer order re-reads all of xT.
+template <typename F>
+void for_tiles(int64_t nblk, int64_t block_bytes, int64_t neuron_bytes, int64_t i0, int64_t i1,
+               F&& f) {
+  const int64_t G = std::max<int64_t>(1, kL2X / std::max<int64_t>(1, block_bytes));
+  const int64_t NC =
+      std::max<int64_t>(kTile, kL2W / std::max<int64_t>(1, neuron_bytes) / kTile * kTile);
+  for (int64_t g0 = 0; g0 < nblk; g0 += G)
+    for (int64_t c0 = i0; c0 < i1; c0 += NC) {
+      const int64_t c1 = std::min(i1, c0 + NC);
+      for (int64_t blk = g0; blk < std::min(nblk, g0 + G); ++blk)
+        for (int64_t i8 = c0; i8 < c1; i8 += kTile) f(blk, i8, std::min<int64_t>(kTile, c1 - i8));
+    }
+}
+
 // fp32 x (xT [nblk, in, 16 * NV]), values of any float type, neurons [i0, i1).
 template <int NV, typename V, typename I>
 void fm_f32(const float* xT, int64_t in, int64_t B, const V* vals, const I* idx, int64_t k,
@@ -86,11 +107,10 @@ void fm_f32(const float* xT, int64_t in, int64_t B, const V* vals, const I* idx,
   constexpr int U = NV == 1 ? 4 : 2;  // independent accumulator sets to cover the FMA latency
   alignas(64) float tile[kTile][W];
   const int64_t nblk = (B + W - 1) / W;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    const float* base = xT + blk * in * W;
-    const int64_t cols = std::min<int64_t>(W, B - blk * W);
-    for (int64_t i8 = i0; i8 < i1; i8 += kTile) {
-      const int64_t nq = std::min<int64_t>(kTile, i1 - i8);
+  for_tiles(nblk, in * W * 4, k * int64_t(sizeof(V) + sizeof(I)), i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
+    {
+      const float* base = xT + blk * in * W;
+      const int64_t cols = std::min<int64_t>(W, B - blk * W);
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t i = i8 + q;
         const V* vr = vals + i * k;
@@ -124,7 +144,7 @@ void fm_f32(const float* xT, int64_t in, int64_t B, const V* vals, const I* idx,
       }
       store_tile<W>(tile, nq, cols, out, n, blk * W, i8);
     }
-  }
+  });
 }
 
 #if SC_BF16DP
@@ -187,11 +207,10 @@ void fm_bf16(const uint16_t* xT, int64_t in, int64_t B, const c10::BFloat16* val
   const __m512i s0 = _mm512_load_si512(sel[0]), s1 = _mm512_load_si512(sel[1]);
   const __m512i zero = _mm512_setzero_si512();
   const int64_t nblk = (B + W - 1) / W;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    const uint16_t* base = xT + blk * in * W;
-    const int64_t cols = std::min<int64_t>(W, B - blk * W);
-    for (int64_t i8 = i0; i8 < i1; i8 += kTile) {
-      const int64_t nq = std::min<int64_t>(kTile, i1 - i8);
+  for_tiles(nblk, in * W * 2, k * int64_t(2 + sizeof(I)), i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
+    {
+      const uint16_t* base = xT + blk * in * W;
+      const int64_t cols = std::min<int64_t>(W, B - blk * W);
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t i = i8 + q;
         const c10::BFloat16* vr = vals + i * k;
@@ -230,7 +249,7 @@ void fm_bf16(const uint16_t* xT, int64_t in, int64_t B, const c10::BFloat16* val
       }
       store_tile<W>(tile, nq, cols, out, n, blk * W, i8);
     }
-  }
+  });
 }
 #endif  // SC_BF16DP
 
