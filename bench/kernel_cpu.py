@@ -92,6 +92,65 @@ def bench_layer(threads, sparsities, batches, min_run_time):
     return rows
 
 
+#: ViT-B/16's MLP layers (out, in): fc1 and fc2, at 197 tokens (batch 1 at 224 px).
+VIT_SHAPES = ((3072, 768), (768, 3072))
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median seconds of each callable, timed round-robin (one call each per round), so a burst of
+    load on a shared machine hits every case alike."""
+    ts = {name: [] for name in fns}
+    for f in fns.values():
+        f()  # warm-up (first-call allocation, lazy build)
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t0 = _timer()
+            f()
+            ts[name].append(_timer() - t0)
+    return {name: sorted(v)[len(v) // 2] for name, v in ts.items()}
+
+
+def bench_vit(threads, rows, sparsity, rounds):
+    """ViT-B/16 MLP shapes at `rows` tokens: condensed vs dense F.linear, fp32 and bf16, with GMAC/s.
+
+    GMAC/s counts the multiply-adds each form performs: rows * out * in for dense, rows * out * k
+    for condensed. Ratios are dense/condensed time from the same interleaved rounds.
+    """
+    out_rows = []
+    for o, i in VIT_SHAPES:
+        k = max(1, round((1 - sparsity) * i))
+        g = torch.Generator().manual_seed(1)
+        idx = torch.rand(o, i, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int16)
+        values = torch.randn(o, k, generator=g) / k**0.5
+        w = dense_weight(values, idx, i)
+        x = torch.randn(rows, i, generator=g)
+        xb, wb, vb = x.bfloat16(), w.bfloat16(), values.bfloat16()
+        ref = F.linear(x.double(), w.double())
+        err32 = ((condensed_linear(x, values, idx).double() - ref).abs().max() / ref.abs().max()).item()
+        errbf = ((condensed_linear(xb, vb, idx).double() - ref).abs().max() / ref.abs().max()).item()
+        errdb = ((F.linear(xb, wb).double() - ref).abs().max() / ref.abs().max()).item()
+        for nt in threads:
+            torch.set_num_threads(nt)
+            med = _interleaved({
+                "dense fp32": lambda: F.linear(x, w),
+                "condensed fp32": lambda: condensed_linear(x, values, idx),
+                "dense bf16": lambda: F.linear(xb, wb),
+                "condensed bf16": lambda: condensed_linear(xb, vb, idx),
+            }, rounds)
+            r = dict(out=o, inp=i, k=k, rows=rows, threads=nt, sparsity=sparsity,
+                     rel_err_fp32=err32, rel_err_bf16=errbf, rel_err_dense_bf16=errdb,
+                     **{f"{name.replace(' ', '_')}_ms": v * 1e3 for name, v in med.items()})
+            r["x_fp32"] = med["dense fp32"] / med["condensed fp32"]
+            r["x_bf16"] = med["dense bf16"] / med["condensed bf16"]
+            dm, cm = rows * o * i / 1e9, rows * o * k / 1e9
+            gm = {name: (dm if name.startswith("dense") else cm) / v for name, v in med.items()}
+            out_rows.append(r)
+            print(f"{o:>5}x{i:<5} {nt:>3} " + " ".join(
+                f"{med[n] * 1e3:>8.2f} ({gm[n]:>5.1f})" for n in med)
+                  + f" {r['x_fp32']:>7.2f}x {r['x_bf16']:>7.2f}x  err {err32:.1e}/{errbf:.1e}", flush=True)
+    return out_rows
+
+
 #: ResNet-50's 3x3 convs, one per stage: (channels, image side), stride 1, padding 1.
 CONV_STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
 
@@ -155,6 +214,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--vit", action="store_true",
+                   help="only ViT-B/16's MLP shapes at 197 rows (fp32 and bf16, with GMAC/s)")
+    p.add_argument("--rows", type=int, default=197, help="rows (tokens) for --vit")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds for --vit")
     p.add_argument("--timer", choices=sorted(TIMER), default="wall",
                    help="wall clock (default), or this thread's CPU time, which ignores time the OS "
                         "gives to other processes on a shared machine (1 thread only)")
@@ -168,7 +231,18 @@ def main(argv=None) -> int:
     if not cpu.load():
         print("C++ kernels unavailable: timing the reference fallback, not the kernel:", cpu.build_info()["error"])
     print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"capability {torch.backends.cpu.get_cpu_capability()}, layer {OUT}x{IN} fp32, int16 indices")
+          f"capability {torch.backends.cpu.get_cpu_capability()}, kernels {cpu.build_info()['isa']}, "
+          f"layer {OUT}x{IN} fp32, int16 indices")
+    if a.vit:
+        print(f"ViT-B/16 MLP layers, {a.rows} rows, 90%: median ms ({a.timer} timer, {a.rounds} interleaved "
+              "rounds) and (GMAC/s); ratios dense/condensed")
+        print(f"{'layer':<11} {'thr':>3} {'dense fp32':>16} {'condensed fp32':>16} {'dense bf16':>16} "
+              f"{'condensed bf16':>16} {'fp32':>8} {'bf16':>8}")
+        rows = bench_vit(a.threads, a.rows, 0.9, a.rounds)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"vit": rows, "torch": torch.__version__, "isa": cpu.build_info()["isa"]}, f, indent=1)
+        return 0
     print(f"times: median microseconds ({a.timer} timer); ratios are dense/condensed and csr/condensed "
           "from the same run")
     print(f"{'thr':>3} {'spars':>5} {'k':>5} {'batch':>5} {'dense':>9} {'csr':>9} {'condensed':>10} "

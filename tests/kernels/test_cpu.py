@@ -238,20 +238,28 @@ def test_conv_channels_last_and_wide_padding(stride, padding, dilation):
     assert _rel_err(y, ref) < 1e-5
 
 
-_GENERIC_SCRIPT = r"""
-import torch, torch.nn.functional as F
+_VARIANT_SCRIPT = r"""
+import os, sys, torch, torch.nn.functional as F
 from sparse_compile.kernels import condensed_conv2d, condensed_linear, cpu
 from sparse_compile.kernels.reference import condensed_linear_ref
 assert cpu.load(), cpu.build_info()["error"]
-assert "-mavx2" not in cpu.build_info()["flags"], cpu.build_info()["flags"]
+isa = os.environ["SPARSE_COMPILE_CPU_ISA"]
+assert cpu.build_info()["isa"] == isa, cpu.build_info()
+assert ("-mavx2" in cpu.build_info()["flags"]) == (isa != "generic"), cpu.build_info()["flags"]
 torch.manual_seed(0)
-worst = 0.0
-for batch in (1, 2, 8, 40):
-    n, fan_in, k = 37, 150, 15
-    idx = torch.rand(n, fan_in).argsort(1)[:, :k].sort(1).values.to(torch.int16)
+worst = {torch.float32: 0.0, torch.bfloat16: 0.0}
+# rows: GEMV (1, 2), the feature-major kernels' column blocks and tails (8 .. 70); fan-ins on both
+# sides of the avx512 kernel's 32/16-column switch (2048); odd and even k (bf16 pairs).
+for batch, n, fan_in, k in ((1, 37, 150, 15), (2, 9, 64, 13), (8, 37, 150, 15), (40, 37, 150, 16),
+                            (70, 19, 2100, 31), (33, 40, 90, 90)):
+    idx = torch.rand(n, fan_in).argsort(1)[:, :k].sort(1).values.to(torch.int16 if k % 2 else torch.int32)
     v, x, b = torch.randn(n, k), torch.randn(batch, fan_in), torch.randn(n)
-    ref = condensed_linear_ref(x.double(), v.double(), idx, b.double())
-    worst = max(worst, ((condensed_linear(x, v, idx, b).double() - ref).abs().max() / ref.abs().max()).item())
+    for dt in worst:
+        xd, vd, bd = x.to(dt), v.to(dt), b.to(dt)
+        ref = condensed_linear_ref(xd.double(), vd.double(), idx, bd.double())
+        y = condensed_linear(xd, vd, idx, bd)
+        assert y.dtype == dt and y.shape == ref.shape
+        worst[dt] = max(worst[dt], ((y.double() - ref).abs().max() / ref.abs().max()).item())
 for stride, padding, dilation in ((1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)):
     cin, cout, k = 5, 9, 12
     idx = torch.rand(cout, cin * 9).argsort(1)[:, :k].sort(1).values.to(torch.int32)
@@ -259,25 +267,71 @@ for stride, padding, dilation in ((1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)):
     w = torch.zeros(cout, cin * 9).scatter(1, idx.long(), v).view(cout, cin, 3, 3)
     ref = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
     y = condensed_conv2d(x, v, idx, None, 3, stride, padding, dilation)
-    worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
-print(f"generic OK {worst:.2e}")
+    worst[torch.float32] = max(worst[torch.float32], ((y.double() - ref).abs().max() / ref.abs().max()).item())
+print(f"variant OK {worst[torch.float32]:.2e} {worst[torch.bfloat16]:.2e}")
 """
 
 
 @pytest.mark.slow
-def test_portable_kernels_without_avx2():
-    """The portable build (what a CPU without AVX2, e.g. ARM, compiles) is correct too.
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_every_isa_variant_this_cpu_supports(isa):
+    """Each build variant (avx512bf16, avx512, avx2, portable) is correct where the CPU runs it.
 
-    Runs in a subprocess: SPARSE_COMPILE_CPU_ISA=generic makes that process build and load the
-    portable library in place of the AVX2 one.
+    Runs in a subprocess: SPARSE_COMPILE_CPU_ISA=<variant> makes that process build and load that
+    library in place of the best one. Variants the CPU lacks are skipped with what it lacks.
     """
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SPARSE_COMPILE_CPU_ISA="generic")
-    r = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], env=env, capture_output=True, text=True,
+    reason = cpu.isa_unsupported_reason(isa)
+    if reason is not None:
+        pytest.skip(f"{isa}: {reason}")
+    env = dict(os.environ, SPARSE_COMPILE_CPU_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    worst = float(r.stdout.split("generic OK")[1])
-    assert worst < 1e-5, r.stdout
+    fp32, bf16 = (float(v) for v in r.stdout.split("variant OK")[1].split())
+    assert fp32 < 1e-5, r.stdout
+    assert bf16 < TOL[torch.bfloat16], r.stdout
+
+
+def test_forcing_an_unknown_variant_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("SPARSE_COMPILE_CPU_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="unknown CPU ISA variant 'avx9000'"):
+        cpu.selected_isa()
+
+
+def test_variant_follows_what_the_cpu_reports(monkeypatch):
+    # Selection reads the CPU's flags, it does not assume them: an AVX2-only CPU gets avx2, one
+    # without AVX2 the portable build, and AVX512 without BF16 the plain avx512 build.
+    monkeypatch.delenv("SPARSE_COMPILE_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    for flags, best in (({"avx2", "fma", "f16c", "bmi1", "bmi2"}, "avx2"), ({"sse2"}, "generic"),
+                        (cpu._AVX512_NEEDS, "avx512"), (cpu._NEEDS["avx512bf16"], "avx512bf16")):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda f=flags: frozenset(f))
+        assert cpu.selected_isa() == best
+    # torch pinned lower (ATEN_CPU_CAPABILITY=avx2) caps the variant too.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu.selected_isa() == "avx2"
+    monkeypatch.setenv("SPARSE_COMPILE_CPU_ISA", "avx512")
+    with pytest.raises(RuntimeError, match="SPARSE_COMPILE_CPU_ISA=avx512"):
+        cpu.selected_isa()
+
+
+@pytest.mark.parametrize("rows", [3, 37, 197])
+def test_bf16_error_against_fp32_is_bf16_rounding(rows):
+    """bf16 condensed (bf16 values and activations, fp32 accumulation) against the fp32 layer: the
+    error is that of rounding the inputs and output to bf16, within the suite's bf16 bound and no
+    worse than torch's own dense bf16 F.linear on the same inputs (x2 margin)."""
+    n, fan_in, k = 48, 384, 38
+    values, idx = _layer(n, fan_in, k, torch.float32, torch.int16, seed=rows)
+    x, b = torch.randn(rows, fan_in), torch.randn(n)
+    ref = condensed_linear_ref(x.double(), values.double(), idx, b.double())
+    y = condensed_linear(x.bfloat16(), values.bfloat16(), idx, b.bfloat16())
+    assert y.dtype == torch.bfloat16
+    err = _rel_err(y, ref)
+    w = torch.zeros(n, fan_in).scatter(1, idx.long(), values)
+    dense_err = _rel_err(F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()), ref)
+    assert err < TOL[torch.bfloat16]
+    assert err <= 2 * dense_err + 1e-3, (err, dense_err)

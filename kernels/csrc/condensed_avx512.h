@@ -1,0 +1,256 @@
+// AVX-512 kernels for the batched condensed linear (included by condensed_cpu.cpp, which defines
+// SC_AVX512 / SC_BF16DP from the compiler's target macros; the avx512 and avx512bf16 builds of
+// kernels/cpu.py turn them on).
+//
+// Feature-major, as the AVX2 kernel: x is transposed once into column blocks xT [nblk, in, W]
+// (zero-padded), and every fan-in entry (i, j) of neuron i adds vals[i, j] * xT[idx[i, j], 0:W]
+// to a register accumulator of W columns. Per entry the kernel loads one gathered row of W
+// columns: the rows come from L2 (a block is in * W * 4 bytes), and that load bandwidth, not the
+// FMA rate, is the limit (measured on a Zen 4 EPYC: ~30 GMAC/s fp32 at in = 768, one core).
+// Splitting the fan-in into L1-sized bands was measured slower (the per-(neuron, band) segments
+// average ~10 entries, and their loop exits and accumulator reloads cost more than L2 did).
+//
+// bf16 (SC_BF16DP): xT holds bf16, so a gathered row of 32 columns is one 64-byte load, and two
+// fan-in entries are combined per VDPBF16PS: rows a = xT[idx[j]] and b = xT[idx[j + 1]] are
+// interleaved (vpunpck{l,h}wd, within 128-bit lanes) into (a_l, b_l) pairs and multiplied by the
+// pair (v_j, v_j+1), which is exactly the 32 bits at vals + j. Accumulation is fp32; the
+// interleave permutes the columns within each lane, undone once per neuron (vpermt2ps). Half the
+// bytes per MAC of the fp32 kernel, and measured ~2x its rate.
+//
+// Output: out [B, n] (row-major, the layout F.linear returns). A neuron produces W columns of one
+// output column; 16 neurons are collected in a tile and written as transposes, so each store is a
+// whole 64-byte line (fp32) instead of single floats n apart. The bf16 kernel rounds its fp32
+// sums to bf16 (round to nearest even) as it stores.
+#pragma once
+
+namespace sc512 {
+
+constexpr int kTile = 16;  // neurons per output tile: one 64-byte line per output row
+
+// 8 x 8 float transpose: r[e] = column e of v.
+inline void transpose8(const __m256 (&v)[8], __m256 (&r)[8]) {
+  const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+  const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+  const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+  const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(b0, b4, 0x20);
+  r[1] = _mm256_permute2f128_ps(b1, b5, 0x20);
+  r[2] = _mm256_permute2f128_ps(b2, b6, 0x20);
+  r[3] = _mm256_permute2f128_ps(b3, b7, 0x20);
+  r[4] = _mm256_permute2f128_ps(b0, b4, 0x31);
+  r[5] = _mm256_permute2f128_ps(b1, b5, 0x31);
+  r[6] = _mm256_permute2f128_ps(b2, b6, 0x31);
+  r[7] = _mm256_permute2f128_ps(b3, b7, 0x31);
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+#if SC_BF16DP
+inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+#endif
+
+// tile [nq][W] (neurons i..i+nq, block columns l0..l0+cols) -> out[(l0 + c) * n + i + q]. A full
+// tile is written as 16 x 8 transposes, one 16-neuron store per output row: the output lines are
+// written whole (measured: single-float stores n apart cost ~15% of the kernel at n = 3072).
+template <int W, typename O>
+inline void store_tile(const float (&tile)[kTile][W], int64_t nq, int64_t cols, O* out, int64_t n,
+                       int64_t l0, int64_t i) {
+  if (nq == kTile) {
+    for (int c8 = 0; c8 < W && c8 < cols; c8 += 8) {
+      __m256 v[8], lo[8], hi[8];
+      for (int q = 0; q < 8; ++q) v[q] = _mm256_load_ps(&tile[q][c8]);
+      transpose8(v, lo);
+      for (int q = 0; q < 8; ++q) v[q] = _mm256_load_ps(&tile[8 + q][c8]);
+      transpose8(v, hi);
+      const int64_t rows = std::min<int64_t>(8, cols - c8);
+      for (int64_t e = 0; e < rows; ++e)
+        store16(out + (l0 + c8 + e) * n + i,
+                _mm512_insertf32x8(_mm512_castps256_ps512(lo[e]), hi[e], 1));
+    }
+    return;
+  }
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t q = 0; q < nq; ++q) out[(l0 + c) * n + i + q] = static_cast<O>(tile[q][c]);
+}
+
+// L2 budgets of the 2-D tiling below (Zen 4 and recent Intel cores have 1-2 MB of L2).
+constexpr int64_t kL2X = 384 << 10, kL2W = 256 << 10;
+
+// Calls f(blk, i8, nq) for every column block and 16-neuron group of neurons [i0, i1), in 2-D
+// tiles: a group of column blocks whose xT slices fit kL2X, times a chunk of neurons whose
+// values + indices fit kL2W. Block-outer order alone re-streams all the weights from L3 once per
+// column block (13 times at 197 rows, 16 columns); neuron-outer order re-reads all of xT.
+template <typename F>
+void for_tiles(int64_t nblk, int64_t block_bytes, int64_t neuron_bytes, int64_t i0, int64_t i1,
+               F&& f) {
+  const int64_t G = std::max<int64_t>(1, kL2X / std::max<int64_t>(1, block_bytes));
+  const int64_t NC =
+      std::max<int64_t>(kTile, kL2W / std::max<int64_t>(1, neuron_bytes) / kTile * kTile);
+  for (int64_t g0 = 0; g0 < nblk; g0 += G)
+    for (int64_t c0 = i0; c0 < i1; c0 += NC) {
+      const int64_t c1 = std::min(i1, c0 + NC);
+      for (int64_t blk = g0; blk < std::min(nblk, g0 + G); ++blk)
+        for (int64_t i8 = c0; i8 < c1; i8 += kTile) f(blk, i8, std::min<int64_t>(kTile, c1 - i8));
+    }
+}
+
+// fp32 x (xT [nblk, in, 16 * NV]), values of any float type, neurons [i0, i1).
+template <int NV, typename V, typename I>
+void fm_f32(const float* xT, int64_t in, int64_t B, const V* vals, const I* idx, int64_t k,
+            int64_t i0, int64_t i1, const float* bias, float* out, int64_t n) {
+  constexpr int W = 16 * NV;
+  constexpr int U = NV == 1 ? 4 : 2;  // independent accumulator sets to cover the FMA latency
+  alignas(64) float tile[kTile][W];
+  const int64_t nblk = (B + W - 1) / W;
+  for_tiles(nblk, in * W * 4, k * int64_t(sizeof(V) + sizeof(I)), i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
+    {
+      const float* base = xT + blk * in * W;
+      const int64_t cols = std::min<int64_t>(W, B - blk * W);
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t i = i8 + q;
+        const V* vr = vals + i * k;
+        const I* ir = idx + i * k;
+        __m512 acc[U][NV];
+        for (int u = 0; u < U; ++u)
+          for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + U <= k; j += U) {
+#pragma GCC unroll 4
+          for (int u = 0; u < U; ++u) {
+            const __m512 w = _mm512_set1_ps(to_f(vr[j + u]));
+            const float* row = base + static_cast<int64_t>(ir[j + u]) * W;
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v)
+              acc[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(row + 16 * v), acc[u][v]);
+          }
+        }
+        for (; j < k; ++j) {
+          const __m512 w = _mm512_set1_ps(to_f(vr[j]));
+          const float* row = base + static_cast<int64_t>(ir[j]) * W;
+          for (int v = 0; v < NV; ++v)
+            acc[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(row + 16 * v), acc[0][v]);
+        }
+        const __m512 bv = _mm512_set1_ps(bias ? bias[i] : 0.f);
+        for (int v = 0; v < NV; ++v) {
+          __m512 s = bv;
+          for (int u = 0; u < U; ++u) s = _mm512_add_ps(s, acc[u][v]);
+          _mm512_store_ps(&tile[q][16 * v], s);
+        }
+      }
+      store_tile<W>(tile, nq, cols, out, n, blk * W, i8);
+    }
+  });
+}
+
+#if SC_BF16DP
+constexpr int kBfW = 32;  // bf16 column block: one 64-byte row per fan-in entry
+
+// x bf16 [B, in] (row stride ldx) -> xT [ceil(B / 32), in, 32] bf16, zero-padded; 8 x 8 16-bit
+// transposes in SSE registers.
+inline void to_column_blocks_bf16(const uint16_t* x, int64_t ldx, int64_t B, int64_t in,
+                                  uint16_t* xT) {
+  constexpr int64_t W = kBfW;
+  const int64_t nblk = (B + W - 1) / W, in8 = in / 8 * 8;
+  at::parallel_for(0, nblk * (W / 8), std::max<int64_t>(1, 4096 / std::max<int64_t>(1, in)),
+                   [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / (W / 8), c0 = t % (W / 8) * 8, row0 = blk * W + c0;
+      const int64_t nrows = std::clamp<int64_t>(B - row0, 0, 8);
+      uint16_t* dst = xT + blk * in * W + c0;
+      int64_t r = 0;
+      for (; r < in8; r += 8) {
+        __m128i v[8];
+        for (int q = 0; q < 8; ++q)
+          v[q] = q < nrows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (row0 + q) * ldx + r))
+                           : _mm_setzero_si128();
+        const __m128i a0 = _mm_unpacklo_epi16(v[0], v[1]), a1 = _mm_unpackhi_epi16(v[0], v[1]);
+        const __m128i a2 = _mm_unpacklo_epi16(v[2], v[3]), a3 = _mm_unpackhi_epi16(v[2], v[3]);
+        const __m128i a4 = _mm_unpacklo_epi16(v[4], v[5]), a5 = _mm_unpackhi_epi16(v[4], v[5]);
+        const __m128i a6 = _mm_unpacklo_epi16(v[6], v[7]), a7 = _mm_unpackhi_epi16(v[6], v[7]);
+        const __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
+        const __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
+        const __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
+        const __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
+        const __m128i c[8] = {_mm_unpacklo_epi64(b0, b4), _mm_unpackhi_epi64(b0, b4),
+                              _mm_unpacklo_epi64(b1, b5), _mm_unpackhi_epi64(b1, b5),
+                              _mm_unpacklo_epi64(b2, b6), _mm_unpackhi_epi64(b2, b6),
+                              _mm_unpacklo_epi64(b3, b7), _mm_unpackhi_epi64(b3, b7)};
+        for (int e = 0; e < 8; ++e)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (r + e) * W), c[e]);
+      }
+      for (; r < in; ++r)
+        for (int64_t q = 0; q < 8; ++q) dst[r * W + q] = q < nrows ? x[(row0 + q) * ldx + r] : 0;
+    }
+  });
+}
+
+// bf16 x and values, fp32 accumulation: xT [nblk, in, 32] bf16, neurons [i0, i1).
+template <typename I>
+void fm_bf16(const uint16_t* xT, int64_t in, int64_t B, const c10::BFloat16* vals, const I* idx,
+             int64_t k, int64_t i0, int64_t i1, const float* bias, c10::BFloat16* out, int64_t n) {
+  constexpr int W = kBfW;
+  alignas(64) float tile[kTile][W];
+  // Accumulator lane p of the unpacklo product holds column 8 * (p / 4) + p % 4, of the unpackhi
+  // product column 8 * (p / 4) + 4 + p % 4; sel[h] puts columns 16h..16h+15 back in order
+  // (indices >= 16 pick from the unpackhi accumulator).
+  alignas(64) int32_t sel[2][16];
+  for (int h = 0; h < 2; ++h)
+    for (int c = 0; c < 16; ++c) {
+      const int col = 16 * h + c, L = col / 8, e = col % 8;
+      sel[h][c] = e < 4 ? 4 * L + e : 16 + 4 * L + e - 4;
+    }
+  const __m512i s0 = _mm512_load_si512(sel[0]), s1 = _mm512_load_si512(sel[1]);
+  const __m512i zero = _mm512_setzero_si512();
+  const int64_t nblk = (B + W - 1) / W;
+  for_tiles(nblk, in * W * 2, k * int64_t(2 + sizeof(I)), i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
+    {
+      const uint16_t* base = xT + blk * in * W;
+      const int64_t cols = std::min<int64_t>(W, B - blk * W);
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t i = i8 + q;
+        const c10::BFloat16* vr = vals + i * k;
+        const I* ir = idx + i * k;
+        __m512 lo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        __m512 hi[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        auto pair = [&](int u, int64_t j) {
+          uint32_t wp;
+          std::memcpy(&wp, vr + j, 4);
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(wp));
+          const __m512i a = _mm512_load_si512(base + static_cast<int64_t>(ir[j]) * W);
+          const __m512i b = _mm512_load_si512(base + static_cast<int64_t>(ir[j + 1]) * W);
+          lo[u] = _mm512_dpbf16_ps(lo[u], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
+          hi[u] = _mm512_dpbf16_ps(hi[u], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
+        };
+        int64_t j = 0;
+        for (; j + 4 <= k; j += 4) {
+          pair(0, j);
+          pair(1, j + 2);
+        }
+        if (j + 2 <= k) {
+          pair(0, j);
+          j += 2;
+        }
+        if (j < k) {  // odd fan-in: the last entry pairs with zeros (not with a row times 0,
+                      // which would turn an inf in x into NaN)
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(vr[j].x));
+          const __m512i a = _mm512_load_si512(base + static_cast<int64_t>(ir[j]) * W);
+          lo[1] = _mm512_dpbf16_ps(lo[1], (__m512bh)_mm512_unpacklo_epi16(a, zero), w);
+          hi[1] = _mm512_dpbf16_ps(hi[1], (__m512bh)_mm512_unpackhi_epi16(a, zero), w);
+        }
+        const __m512 l = _mm512_add_ps(lo[0], lo[1]), h = _mm512_add_ps(hi[0], hi[1]);
+        const __m512 bv = _mm512_set1_ps(bias ? bias[i] : 0.f);
+        _mm512_store_ps(&tile[q][0], _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s0, h)));
+        _mm512_store_ps(&tile[q][16], _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s1, h)));
+      }
+      store_tile<W>(tile, nq, cols, out, n, blk * W, i8);
+    }
+  });
+}
+#endif  // SC_BF16DP
+
+}  // namespace sc512
