@@ -251,7 +251,9 @@ def test_non_constant_fan_in():
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match=r"layer '2': fan-in is not constant .*\(fan-in \d+-\d+\)"):
         optimize(model, (x,), mode="condensed")
-    opt = check(model, x, "auto")
+    # Per-layer choice only: the whole-model check may legitimately time "condensed everywhere"
+    # (padded) faster, which is not what this test is about.
+    opt = check(model, x, "auto", whole_model_check=False)
     r = {r.name: r for r in opt.sparse_compile_report}["2"]
     assert r.form in ("csr", "dense") and "not constant" in r.reason
     # Padding is offered, and exact.
