@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sparse_compile.formats import to_condensed
 from sparse_compile.kernels import triton_conv as tconv
 from sparse_compile.kernels import triton_linear as tlin
-from sparse_compile.kernels.reference import condensed_conv2d_ref, condensed_linear_ref
+from sparse_compile.kernels.reference import condensed_conv2d_ref
 
 from triton_testlib import (  # noqa: F401  (shared with test_triton_args.py)
     DEV, INTERPRETER_PROBLEM, TOL, check_linear, linear_ref, nan_out, rand_condensed, rel_err,
