@@ -18,6 +18,9 @@ dispatch layer on a tiny layer.
     .venv/bin/python bench/kernel_cpu.py --quick        # 90% only, batch 1 and 8
     .venv/bin/python bench/kernel_cpu.py --json out.json
     .venv/bin/python bench/kernel_cpu.py --timer cpu     # 1 thread, CPU time: robust on a busy box
+    .venv/bin/python bench/kernel_cpu.py --vit --timer cpu --rounds 21   # ViT MLP shapes, 197 rows,
+                                                          # fp32 + bf16, GMAC/s next to dense GEMM
+    SPARSE_COMPILE_CPU_ISA=avx2 .venv/bin/python bench/kernel_cpu.py --quick   # another ISA variant
 """
 from __future__ import annotations
 

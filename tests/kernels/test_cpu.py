@@ -3,6 +3,8 @@
 The kernels have several paths (GEMV for 1-3 rows with masked row tails, feature-major blocks of
 8/16/32 columns with masked column tails, fp64 loops, conv over stride-phase planes); the shapes below are
 drawn to reach each of them, including n * k boundaries where a row tail must not over-read.
+In-process tests run the variant this CPU selects (the best it supports); every other supported
+ISA variant (avx512bf16, avx512, avx2, generic) runs in a subprocess of its own.
 """
 import shutil
 
