@@ -126,6 +126,9 @@ def optimize(
     dev = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
     work = copy.deepcopy(model).eval().to(dev)
     inputs = None if example_inputs is None else tuple(_to_device(x, dev) for x in example_inputs)
+    reference = None
+    if cfg.dtype is not None:
+        work, inputs, reference = _cast(work, inputs, getattr(torch, cfg.dtype))
     # Only for mode "auto" itself: a dict of patterns pins some layers, and "the original layers"
     # would override those choices.
     check = cfg.mode == "auto" and cfg.whole_model_check and inputs is not None
@@ -133,7 +136,27 @@ def optimize(
     gm = _build(work, cfg, inputs, dev, uses_auto)
     if check:
         gm = _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto)
+    if reference is not None:
+        with torch.no_grad():
+            err = relative_error(gm(*inputs), reference)
+        gm.sparse_compile_report.error_vs_original_dtype = err
+        gm.sparse_compile_report.notes.append(
+            f"dtype {cfg.dtype}: max relative error {err:.2e} against the model in its own dtype on example_inputs")
     return gm
+
+
+def _cast(work: nn.Module, inputs, dtype: torch.dtype):
+    """``work`` and the floating ``inputs`` in ``dtype``, plus the uncast model's output on them.
+
+    The reference is computed first so the report can say what the dtype change cost; integer and
+    bool tensors (token ids, the ``weight_mask`` buffers) keep their dtype.
+    """
+    reference = None
+    if inputs is not None:
+        with torch.no_grad():
+            reference = work(*inputs)
+        inputs = tuple(x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
+    return work.to(dtype), inputs, reference
 
 
 def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool) -> nn.Module:

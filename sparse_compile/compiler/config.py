@@ -12,6 +12,8 @@ MODES = ("auto", "dense", "ablated_dense", "condensed", "csr")
 DEPRECATED_NAMES = {"structured": "ablated_dense"}
 
 CONFIG_VERSION = 1
+#: Floating dtypes ``OptimizeConfig.dtype`` accepts (by torch's name).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -39,6 +41,13 @@ class OptimizeConfig:
                      narrower output costs the next layer, or a scatter's memory traffic).
     leaf_modules:    extra module types FX must not trace into.
     requires_grad:   whether the new parameters require grad (for fine-tuning the optimized model).
+    dtype:           run the optimized model in this floating dtype ("bfloat16", "float16",
+                     "float32", "float64" or a torch.dtype; default: the model's own). The copy is cast
+                     before tracing, so condensed layers get values in that dtype (bf16 on CPU: fp32
+                     accumulation, VDPBF16PS where the CPU has AVX512_BF16) and dense layers use
+                     torch's kernels for it; the returned model expects inputs in that dtype. Its
+                     error against the model in its own dtype on ``example_inputs`` is reported as
+                     ``report.error_vs_original_dtype``.
     """
 
     mode: Union[str, dict] = "auto"
@@ -58,6 +67,7 @@ class OptimizeConfig:
     whole_model_check: bool = True
     leaf_modules: tuple = ()
     requires_grad: bool = False
+    dtype: Optional[str] = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -75,6 +85,11 @@ class OptimizeConfig:
             raise ValueError(f"OptimizeConfig version {self.version} is not supported (this is {CONFIG_VERSION})")
         self.auto_forms = tuple(self.auto_forms)
         self.leaf_modules = tuple(self.leaf_modules)
+        if self.dtype is not None:
+            name = str(self.dtype).replace("torch.", "")
+            if name not in FLOAT_DTYPES:
+                raise ValueError(f"OptimizeConfig.dtype: {self.dtype!r} is not one of {FLOAT_DTYPES}")
+            self.dtype = name
 
     def to_dict(self) -> dict:
         """JSON-ready dict (``leaf_modules`` as qualified class names)."""

@@ -48,6 +48,8 @@ class OptimizeReport(list):
         self.verify_rel_err = verify_rel_err
         self.traced = traced
         self.cache = cache or {}
+        #: With ``OptimizeConfig.dtype``: max relative error against the model in its own dtype.
+        self.error_vs_original_dtype = None
 
     @property
     def bytes_before(self) -> int:
@@ -69,6 +71,7 @@ class OptimizeReport(list):
             "mode": self.mode,
             "traced": self.traced,
             "verify_rel_err": self.verify_rel_err,
+            "error_vs_original_dtype": self.error_vs_original_dtype,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "cache": self.cache,
@@ -86,9 +89,11 @@ class OptimizeReport(list):
     def from_dict(cls, d: dict) -> "OptimizeReport":
         """Inverse of :meth:`to_dict`."""
         layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in d.get("layers", [])]
-        return cls(layers, mode=d.get("mode"), restores=d.get("restores", []), notes=d.get("notes", []),
+        rep = cls(layers, mode=d.get("mode"), restores=d.get("restores", []), notes=d.get("notes", []),
                    verify_rel_err=d.get("verify_rel_err"), traced=d.get("traced", True), cache=d.get("cache"),
                    whole_model=d.get("whole_model"))
+        rep.error_vs_original_dtype = d.get("error_vs_original_dtype")
+        return rep
 
     def __str__(self) -> str:
         head = ("layer", "kind", "shape", "sparsity", "fan-in", "active", "inputs", "form", "output",
