@@ -11,8 +11,8 @@ Every run is the recipe ``lenet300_100_mnist`` (LeNet-300-100) or ``small_cnn_fa
 x8, pool, conv 5x5 x16, pool, fc 784-64, fc 64-10) trained by the loop of ``sparse-compile train``:
 batch 128, SGD lr 0.1 momentum 0.9, cosine decay, ERK budgets, delta_t 100, alpha 0.3, t_end 0.75.
 ``srigl`` is SRigL without ablation (gamma_sal 0), ``srigl_abl`` with ablation (gamma_sal 0.3). Dense
-runs once per seed. Each finished run is appended to ``OUT/<dataset>.jsonl`` at once (an interrupted
-grid resumes where it stopped; ``--fresh`` starts over). Written per data set: ``<dataset>.md`` (mean
+runs once per seed; then the sparsities run from the highest down. Each finished run is appended to
+``OUT/<dataset>.jsonl`` at once (an interrupted grid resumes where it stopped; ``--fresh`` starts over). Written per data set: ``<dataset>.md`` (mean
 +- sample std table, final active widths per layer of SRigL at the highest sparsity (the paper's
 Fig. 11), the budget SRigL's ``k' = floor(budget / active neurons)`` rounding leaves unused per layer),
 ``<dataset>.png`` (accuracy vs sparsity with error bars) and ``<dataset>_summary.json``. Trained
@@ -109,13 +109,12 @@ def run_one(dataset: str, method: str, sparsity: float, seed: int, epochs: int, 
 
 
 def grid(dataset: str, methods, sparsities, seeds) -> list[tuple]:
-    """(method, sparsity, seed) in run order: seed by seed, so a cut-short grid still covers every cell."""
-    cells = []
-    for seed in seeds:
-        for m in methods:
-            if METHODS[m][1] is None:
-                cells.append((m, 0.0, seed))
-        for s in sparsities:
+    """(method, sparsity, seed) in run order: dense for every seed, then sparsity by sparsity from the
+    highest (where the methods separate), each seed's methods together: a cut-short grid leaves
+    complete cells (every method, the same seeds) at the sparsities that matter most."""
+    cells = [(m, 0.0, seed) for seed in seeds for m in methods if METHODS[m][1] is None]
+    for s in sorted(sparsities, reverse=True):
+        for seed in seeds:
             cells.extend((m, s, seed) for m in methods if METHODS[m][1] is not None)
     return cells
 

@@ -333,6 +333,17 @@ def load_fashion_mnist(root: Union[str, Path, None] = None, train: bool = True, 
     return _to_dataset(images, labels, FASHION_NORM)
 
 
+def data_status() -> str:
+    """One line per installable data set: its sizes when it loads, else why not (what ``make data`` prints)."""
+    lines = []
+    for name, load in (("MNIST", load_mnist), ("Fashion-MNIST", load_fashion_mnist)):
+        try:
+            lines.append(f"{name}: {len(load(train=True))} train / {len(load(train=False))} test images")
+        except (OSError, ValueError) as e:
+            lines.append(f"{name}: unavailable: {e}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- entry points
 
 def build_datasets(dataset: str, root: Union[str, Path, None] = None, *, augment: str = "none",
