@@ -157,8 +157,34 @@ def summarize(recs: list[dict]) -> dict:
             loss[f"{m}@{s:g}"] = {n: dict(budget=d["budget"][0], lost_mean=statistics.fmean(
                 b - z for b, z in zip(d["budget"], d["nnz"])), lost_frac_mean=statistics.fmean(
                 (b - z) / b for b, z in zip(d["budget"], d["nnz"]))) for n, d in per.items()}
-    return dict(table=table, widths=widths, rounding_loss=loss, cpu_s_total=sum(r["cpu_s"] for r in recs),
-                runs=len(recs))
+    return dict(table=table, widths=widths, rounding_loss=loss, budgets=budgets(recs),
+                cpu_s_total=sum(r["cpu_s"] for r in recs), runs=len(recs))
+
+
+def budgets(recs: list[dict]) -> dict:
+    """Per sparsity and layer: RigL's weight budget (``round(density * numel)``), SRigL's (constant
+    fan-in: ``k * neurons``), and the weights SRigL with ablation holds at the end (``k' * active``,
+    mean over seeds), so the README can say what the two roundings cost against RigL."""
+    out = {}
+    for s in sorted({r["sparsity"] for r in recs if r["sparsity"] > 0}):
+        pick = lambda m: [r for r in recs if r["method"] == m and r["sparsity"] == s and "layers" in r]  # noqa: E731
+        rigl, srigl, abl = pick("rigl"), pick("srigl"), pick("srigl_abl")
+        if not (rigl and (srigl or abl)):
+            continue
+        rows = {}
+        for lay in rigl[0]["layers"]:
+            if lay["dense"]:
+                continue
+            n = lay["name"]
+            row = dict(numel=int(math.prod(lay["shape"])), rigl_budget=lay["budget"])
+            for key, rs in (("srigl_budget", srigl or abl), ):
+                row[key] = next(l["budget"] for l in rs[0]["layers"] if l["name"] == n)
+            if abl:
+                row["abl_nnz_mean"] = statistics.fmean(next(l["nnz"] for l in r["layers"] if l["name"] == n) for r in abl)
+                row["abl_lost_vs_rigl_pct"] = 100 * (1 - row["abl_nnz_mean"] / row["rigl_budget"])
+            rows[n] = row
+        out[f"{s:g}"] = rows
+    return out
 
 
 def markdown(dataset: str, summ: dict) -> str:
@@ -184,17 +210,18 @@ def markdown(dataset: str, summ: dict) -> str:
         for n, d in per.items():
             lines.append(f"| {n} | {d['out']} | {', '.join(map(str, d['active']))} | "
                          f"{100 * d['active_mean'] / d['out']:.1f}% | {', '.join(map(str, d['k']))} |")
-    if summ["rounding_loss"]:
-        keys = list(summ["rounding_loss"])
-        names = list(next(iter(summ["rounding_loss"].values())))
-        lines += ["", "Weight budget left unused by k' = floor(budget / active neurons), per layer "
-                      "(mean over seeds: weights, % of the layer's budget):", "",
-                  "| run | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for k in keys:
-            row = summ["rounding_loss"][k]
-            lines.append(f"| {k} | " + " | ".join(
-                f"{row[n]['lost_mean']:.1f} / {row[n]['budget']} ({100 * row[n]['lost_frac_mean']:.2f}%)"
-                if n in row else "—" for n in names) + " |")
+    if summ["budgets"]:
+        lines += ["", "Weight budget per layer: RigL's `round(density * numel)`, SRigL's constant fan-in `k * neurons`, "
+                      "and what SRigL with ablation holds at the end, `k' * active` with "
+                      "`k' = floor(budget / active)` (mean over seeds), with its shortfall against RigL:", "",
+                  "| sparsity | layer | weights | RigL budget | SRigL budget | SRigL-abl. final | short of RigL |",
+                  "|---|---|---|---|---|---|---|"]
+        for s, rows in summ["budgets"].items():
+            for n, row in rows.items():
+                tail = (f"{row['abl_nnz_mean']:.1f} | {row['abl_lost_vs_rigl_pct']:.2f}%" if "abl_nnz_mean" in row
+                        else "— | —")
+                lines.append(f"| {100 * float(s):g}% | {n} | {row['numel']:,} | {row['rigl_budget']} | "
+                             f"{row['srigl_budget']} | {tail} |")
     return "\n".join(lines) + "\n"
 
 
