@@ -15,7 +15,8 @@ runs once per seed; then the sparsities run from the highest down. Each finished
 ``OUT/<dataset>.jsonl`` at once (an interrupted grid resumes where it stopped; ``--fresh`` starts over). Written per data set: ``<dataset>.md`` (mean
 +- sample std table, final active widths per layer of SRigL at the highest sparsity (the paper's
 Fig. 11), the budget SRigL's ``k' = floor(budget / active neurons)`` rounding leaves unused per layer),
-``<dataset>.png`` (accuracy vs sparsity with error bars) and ``<dataset>_summary.json``. Trained
+``<dataset>.png`` (accuracy vs sparsity with error bars), ``<dataset>_widths.png`` (Fig. 11 as bars)
+and ``<dataset>_summary.json``. Trained
 SRigL (ablation) and dense models of the first seed are saved under ``OUT/models/`` for
 ``bench/accuracy_deploy.py`` (inference speed and size after ``optimize``).
 
@@ -261,6 +262,37 @@ def plot(dataset: str, summ: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_widths(dataset: str, summ: dict, path: Path) -> bool:
+    """The paper's Fig. 11: % of neurons still active per layer after SRigL (ablation), one bar per
+    sparsity (mean over seeds). Returns False when there is nothing to plot."""
+    keys = sorted((k for k in summ["widths"] if k.startswith("srigl_abl@")), key=lambda k: float(k.split("@")[1]))
+    if not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summ["widths"][keys[0]])
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    w = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        per = summ["widths"][k]
+        ax.bar([j + i * w for j in range(len(names))],
+               [100 * per[n]["active_mean"] / per[n]["out"] if n in per else 0 for n in names], w,
+               label=f"{100 * float(k.split('@')[1]):g}% sparse")
+    ax.set_xticks([j + w * (len(keys) - 1) / 2 for j in range(len(names))])
+    ax.set_xticklabels(names)
+    ax.set_ylabel("active neurons (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"SRigL (γ_sal 0.3) final widths, {dataset}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return True
+
+
 def report(dataset: str, out: Path) -> str:
     """Write ``<dataset>.md``, ``.png`` and ``_summary.json`` from the results so far; returns the markdown."""
     recs = load_results(out / f"{dataset}.jsonl")
@@ -271,6 +303,7 @@ def report(dataset: str, out: Path) -> str:
     md = markdown(dataset, summ)
     (out / f"{dataset}.md").write_text(md)
     plot(dataset, summ, out / f"{dataset}.png")
+    plot_widths(dataset, summ, out / f"{dataset}_widths.png")
     return md
 
 

@@ -209,6 +209,7 @@ def test_accuracy_bench_grid_and_report(tmp_path, monkeypatch):
     (out / "mnist.jsonl").write_text("".join(acc.json.dumps(r) + "\n" for r in recs))
     md = acc.report("mnist", out)
     assert "| RigL |" in md and "srigl_abl@0.99" in md and (out / "mnist.png").stat().st_size > 1000
+    assert (out / "mnist_widths.png").stat().st_size > 1000
     summ = acc.json.loads((out / "mnist_summary.json").read_text())
     row = next(t for t in summ["table"] if t["method"] == "srigl_abl" and t["sparsity"] == 0.99)
     assert row["n"] == 2 and row["std"] >= 0
