@@ -96,4 +96,4 @@ def remove_dropout(model: nn.Module) -> nn.Module:
 
 
 # Importing the family modules registers their models.
-from . import mlp, resnet_cifar, wide_resnet, imagenet  # noqa: E402,F401
+from . import mlp, resnet_cifar, wide_resnet, imagenet, small_cnn  # noqa: E402,F401

@@ -33,3 +33,9 @@ class MLP(nn.Sequential):
 def mlp(num_classes: int = 10, in_features: int = 64, hidden: Sequence[int] = (300, 100)) -> MLP:
     """LeNet-300-100 style MLP; defaults to the 8x8 digits (64 inputs): 64-300-100-10."""
     return MLP(in_features=in_features, hidden=tuple(hidden), num_classes=num_classes)
+
+
+@register_model("lenet300_100", num_classes=10, input_shape=(1, 28, 28))
+def lenet300_100(num_classes: int = 10) -> MLP:
+    """LeNet-300-100 on 28x28 images (MNIST): 784-300-100-10, the standard sparse-training MLP."""
+    return MLP(in_features=784, hidden=(300, 100), num_classes=num_classes)

@@ -24,7 +24,7 @@ METHODS = ("srigl", "rigl", "static", "dense")
 OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 SCHEDULES = ("constant", "multistep", "step", "cosine")
 AUGMENTS = ("none", "cifar", "imagenet-rigl", "imagenet-vit", "imagenet-mobilenet")
-DATASETS = ("digits", "cifar10", "imagenet")
+DATASETS = ("digits", "cifar10", "imagenet", "mnist", "fashion-mnist")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Recipe:
 
     name: str
     model: str  # a name from sparse_compile.models.list_models()
-    dataset: str  # digits | cifar10 | imagenet
+    dataset: str  # digits | cifar10 | imagenet | mnist | fashion-mnist
     source: str  # where the numbers come from
     num_classes: int = 10
     image_size: Optional[int] = None  # None: the data set's own (32 CIFAR, 224 ImageNet)
@@ -177,6 +177,11 @@ _CIFAR = dict(
     distribution="erk", delta_t=100, alpha=0.3, t_end=0.75, gamma_sal=0.3,
 )
 
+_MNIST = dict(
+    num_classes=10, epochs=10, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0,
+    lr_schedule="cosine", augment="none", distribution="erk", delta_t=100, alpha=0.3, t_end=0.75, gamma_sal=0.3,
+)
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -226,6 +231,18 @@ RECIPES: dict[str, Recipe] = {
             lr_schedule="cosine", augment="none", distribution="erk", delta_t=50, alpha=0.3, t_end=0.75,
             gamma_sal=0.3,
             description="64-300-100-10 MLP on scikit-learn's 8x8 digits (1,437 train / 360 test images).",
+        ),
+        Recipe(
+            name="lenet300_100_mnist", model="lenet300_100", source="this project (the standard sparse-training "
+            "MLP, LeCun 1998; bench/accuracy.py)", dataset="mnist", **_MNIST,
+            description="LeNet-300-100 (784-300-100-10) on MNIST's 60,000 / 10,000 images: 10 epochs of "
+                        "batch 128, SGD lr 0.1 momentum 0.9, cosine decay, no weight decay or augmentation.",
+        ),
+        Recipe(
+            name="small_cnn_fashion_mnist", model="small_cnn", source="this project (bench/accuracy.py)",
+            dataset="fashion-mnist", **_MNIST,
+            description="Small CNN (conv 5x5 x8, max-pool, conv 5x5 x16, max-pool, fc 784-64, fc 64-10; "
+                        "ReLU) on Fashion-MNIST's 60,000 / 10,000 images, trained as lenet300_100_mnist.",
         ),
     )
 }

@@ -42,7 +42,8 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--recipe", help="recipe name (optional with --resume: the checkpoint holds it)")
-    p.add_argument("--data", help="data root (CIFAR-10 pickle folder, ImageNet ImageFolder); not for digits")
+    p.add_argument("--data", help="data root (CIFAR-10 pickle folder, ImageNet ImageFolder); not for digits; "
+                        "MNIST / Fashion-MNIST default to their installed packages (make data)")
     p.add_argument("--sparsity", type=float, help="global sparsity of the sparse layers (recipe: 0.9)")
     p.add_argument("--epochs", type=int, help="number of epochs (overrides the recipe)")
     p.add_argument("--method", choices=METHODS, help="sparse training method (recipe: srigl)")
@@ -52,7 +53,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of initialisation, masks and data order (default 0, or the checkpoint's with --resume)")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: 0 for digits, else 4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader workers (default: 0 for digits / MNIST / Fashion-MNIST, else 4)")
     p.add_argument("--out", help="output folder (checkpoint.pt, model.safetensors, report.json)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after-epochs", type=int, metavar="N",

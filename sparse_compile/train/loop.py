@@ -179,13 +179,15 @@ def _fingerprint(model: nn.Module) -> str:
 
 def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = False, seed: int = 0,
           workers: Optional[int] = None, progress: bool = True, datasets=None, stop_after: Optional[int] = None,
-          log=print) -> dict:
+          log=print, sparsifier_factory=None) -> dict:
     """Train ``recipe`` and return ``{"model", "sparsifier", "history", "test_accuracy", "report"}``.
 
     ``datasets`` (a ``(train, test)`` pair) bypasses loading from ``data``. With ``out``, a checkpoint
     is written after each epoch and the final model and report at the end; ``resume`` continues from
     ``out/checkpoint.pt``; ``stop_after`` ends this invocation after that many more epochs (for
     time-limited jobs: resume later, the result is bit-identical to an uninterrupted run on CPU).
+    ``sparsifier_factory(recipe, model, optimizer, total_steps)`` replaces :func:`build_sparsifier`
+    (a method the recipe cannot name, e.g. in ``bench/accuracy.py``).
     Runs under torchrun (DDP) when ``WORLD_SIZE`` > 1.
     """
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
@@ -232,7 +234,7 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
                                   random_erasing=recipe.random_erasing, seed=seed)
     train_ds, test_ds = datasets
     if workers is None:
-        workers = 0 if recipe.dataset == "digits" else 4
+        workers = 0 if recipe.dataset in ("digits", "mnist", "fashion-mnist") else 4  # in-memory tensors
     drop_last = len(train_ds) >= recipe.batch_size * world
     sampler = (DistributedSampler(train_ds, world, rank, shuffle=True, seed=seed, drop_last=drop_last)
                if world > 1 else None)
@@ -249,7 +251,7 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
 
     model = build_model(recipe).to(dev)
     optimizer = build_optimizer(recipe, model.parameters())
-    sparsifier = build_sparsifier(recipe, model, optimizer, total_steps)
+    sparsifier = (sparsifier_factory or build_sparsifier)(recipe, model, optimizer, total_steps)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)

@@ -102,6 +102,6 @@ def test_batch_transform_mixes_labels():
 
 def test_unknown_dataset_and_bad_augment():
     with pytest.raises(ValueError, match="unknown data set"):
-        data.build_datasets("mnist")
+        data.build_datasets("svhn")
     with pytest.raises(ValueError, match="no augmentation"):
         data.build_datasets("digits", augment="cifar")
