@@ -45,7 +45,7 @@ data: $(STAMP)
 	  echo "make data: not root and no sudo: run 'apt-get update && apt-get install -y dataset-fashion-mnist' as root"; \
 	else \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  ($$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist) \
+	  ($$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist) \
 	    || echo "make data: apt-get could not install dataset-fashion-mnist: Fashion-MNIST is unavailable"; \
 	fi
 	@$(VPY) -c "from sparse_compile.train.data import data_status; print(data_status())"
