@@ -1,7 +1,8 @@
-"""``sparse-compile optimize CHECKPOINT --model NAME``: rewrite a trained sparse model and save it."""
+"""``sparse-compile optimize CHECKPOINT [--model NAME]``: rewrite a trained sparse model and save it."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -15,7 +16,9 @@ def register(sub) -> None:
                     "(safetensors + JSON rebuild spec; load it with sparse_compile.load).",
     )
     p.add_argument("checkpoint", help="state dict (.safetensors or torch file) of the trained model, masks included")
-    p.add_argument("--model", required=True, help="registered model name (see sparse_compile.models.list_models())")
+    p.add_argument("--model", default=None,
+                   help="registered model name (see sparse_compile.models.list_models()); default: the model the "
+                        "checkpoint records (sparse-compile train records it)")
     p.add_argument("--mode", default="auto", help="auto, dense, ablated_dense, condensed or csr (default: auto; structured is the old name of ablated_dense)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input 'auto' times with")
     p.add_argument("--device", default="cpu", help="device the result runs on and is timed on (default: cpu)")
@@ -58,34 +61,43 @@ def _head_name(model) -> str:
 
 
 def build_model(name: str, state: dict, num_classes=None, **kw):
-    """The registered model ``name`` with ``state`` loaded; masks (``*.weight_mask``) become buffers.
+    """The registered model ``name`` with ``state`` loaded (masks included, see
+    :func:`sparse_compile.load_checkpoint`), in eval mode.
 
     ``num_classes`` defaults to the head weight's output size in ``state``.
     """
+    from sparse_compile.checkpoint import load_checkpoint
     from sparse_compile.models import create_model
 
-    model = create_model(name, **kw)
     if num_classes is None:
-        head = _head_name(model)
+        head = _head_name(create_model(name, **kw))
         w = state.get(f"{head}.weight")
         if w is None:
             raise ValueError(f"checkpoint has no '{head}.weight' (the head of {name!r}); is it a {name} checkpoint?")
         num_classes = int(w.shape[0])
     model = create_model(name, num_classes=num_classes, **kw)
-    for key, t in state.items():
-        if key.endswith(".weight_mask"):
-            mod_name = key[: -len(".weight_mask")]
-            try:
-                mod = model.get_submodule(mod_name)
-            except AttributeError:
-                raise ValueError(f"checkpoint mask {key!r} has no layer {mod_name!r} in model {name!r}") from None
-            mod.register_buffer("weight_mask", t.bool().clone())
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not fit model {name!r}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+    try:
+        load_checkpoint(model, state)
+    except ValueError as e:
+        raise ValueError(f"checkpoint does not fit model {name!r}: {e}") from None
     return model.eval()
+
+
+def _model_name(args) -> str:
+    """--model, else the model the checkpoint records."""
+    from sparse_compile.checkpoint import checkpoint_metadata
+
+    meta = checkpoint_metadata(args.checkpoint)
+    if args.model is not None:
+        return args.model
+    name = meta.get("model")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{args.checkpoint} does not record its model (checkpoints written by sparse-compile train "
+                         "do); pass --model NAME (see sparse_compile.models.list_models())")
+    if args.image_size is None and isinstance(meta.get("image_size"), int):
+        args.image_size = meta["image_size"]
+    print(f"model {name!r} (recorded in the checkpoint)", file=sys.stderr)
+    return name
 
 
 def run(args) -> int:
@@ -102,10 +114,11 @@ def run(args) -> int:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    name = _model_name(args)
     state = load_state_dict(args.checkpoint)
     kw = _builder_kwargs(args)
-    model = build_model(args.model, state, args.num_classes, **kw)
-    shape = input_shape(args.model, **kw)
+    model = build_model(name, state, args.num_classes, **kw)
+    shape = input_shape(name, **kw)
     x = torch.randn(args.batch_size, *shape, device=args.device)
     opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache,
                    whole_model_check=not args.no_whole_model_check)

@@ -41,13 +41,18 @@ def resolve_recipe(name, *, sparsity=None, epochs=None, method=None, batch_size=
     return r.replace(**changes) if changes else r
 
 
+def _builder_args(model: str):
+    from sparse_compile.models import model_spec
+
+    return pyinspect.signature(model_spec(model).builder).parameters
+
+
 def build_model(recipe) -> nn.Module:
     """The recipe's model, with ``image_size`` passed to builders that take it."""
-    from sparse_compile.models import create_model, model_spec
+    from sparse_compile.models import create_model
 
     kw = {}
-    builder_args = pyinspect.signature(model_spec(recipe.model).builder).parameters
-    if recipe.image_size is not None and "image_size" in builder_args:
+    if recipe.image_size is not None and "image_size" in _builder_args(recipe.model):
         kw["image_size"] = recipe.image_size
     return create_model(recipe.model, num_classes=recipe.num_classes, **kw)
 
@@ -363,8 +368,12 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
         from safetensors.torch import save_file
 
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(out / "model.safetensors"), metadata={"recipe": recipe.name, "model": recipe.model,
-                                                                "method": recipe.method})
+        # What `sparse-compile optimize` needs to rebuild the model without --model / --image-size.
+        meta = {"recipe": recipe.name, "model": recipe.model, "method": recipe.method,
+                "num_classes": str(recipe.num_classes)}
+        if recipe.image_size is not None and "image_size" in _builder_args(recipe.model):
+            meta["image_size"] = str(recipe.image_size)
+        save_file(sd, str(out / "model.safetensors"), metadata=meta)
         (out / "report.json").write_text(json.dumps(report, indent=2))
     return dict(model=model, sparsifier=sparsifier, history=history, test_accuracy=test_acc, report=report,
                 inspect=table)

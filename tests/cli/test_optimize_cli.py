@@ -61,3 +61,15 @@ def test_optimize_cli_json_and_errors(checkpoint, tmp_path, capsys):
     assert "--mode must be one of" in capsys.readouterr().err
     assert cli.main(["optimize", str(path), "--model", "resnet18_cifar"]) == 1
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_optimize_cli_infers_the_model_a_checkpoint_records(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    rc = cli.main(["optimize", str(path), "--mode", "dense", "-o", str(tmp_path / "a.sc")])
+    assert rc == 1 and "does not record its model" in capsys.readouterr().err
+    recorded = tmp_path / "recorded.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(recorded), metadata={"model": "mlp"})
+    rc = cli.main(["optimize", str(recorded), "--mode", "condensed", "-o", str(tmp_path / "b.sc")])
+    cap = capsys.readouterr()
+    assert rc == 0 and "'mlp' (recorded in the checkpoint)" in cap.err
+    assert any(line.split()[:1] == ["fc1"] and "condensed" in line for line in cap.out.splitlines())

@@ -45,6 +45,9 @@ def test_train_digits_writes_checkpoint_model_report_and_table(tmp_path, capsys)
     assert [r.name for r in table] == ["fc1", "fc2", "fc3"] and all(r.constant_fan_in for r in table)
     assert abs(table.sparsity - rep["sparsifier"]["sparsity"]) < 1e-6
     assert "fc1" in cap.out and "global sparsity" in cap.out and "test accuracy" in cap.out
+    from sparse_compile.checkpoint import checkpoint_metadata  # what `optimize` infers --model from
+    assert checkpoint_metadata(out / "model.safetensors")["model"] == "mlp"
+    assert checkpoint_metadata(out / "checkpoint.pt")["model"] == "mlp"
 
 
 def test_resume_is_bit_identical(tmp_path):
