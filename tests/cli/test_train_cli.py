@@ -162,3 +162,21 @@ def test_recipe_settings_reach_optimizer_and_sparsifier():
     sp = build_sparsifier(r, model, opt, total_steps=100)
     assert (sp.gamma_sal, sp.distribution, sp.delta_t, sp.total_steps) == (0.5, "uniform", 7, 100)
     assert build_sparsifier(r.replace(method="dense"), model, opt, 100) is None
+
+
+def test_plot_itop_reads_the_report_train_writes(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plot-itop draws with matplotlib (extra 'demo')")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    updates = rep["sparsifier"]["updates"]
+    capsys.readouterr()
+    png = tmp_path / "itop.png"
+    assert main(["plot-itop", str(out / "report.json"), "-o", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert png.stat().st_size > 0 and f"{updates + 1} points" in text  # the initial state + every update
+    dense = tmp_path / "dense"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--method", "dense", "--out", str(dense),
+                 *FAST]) == 0
+    assert main(["plot-itop", str(dense / "report.json"), "-o", str(png)]) == 1
+    assert "dense training run" in capsys.readouterr().err
