@@ -105,9 +105,7 @@ def build_sparsifier(recipe, model: nn.Module, optimizer, total_steps: int):
     cls = getattr(sparse_compile, METHOD_CLASSES[recipe.method])
     kw = dict(sparsity=recipe.sparsity, total_steps=total_steps, distribution=recipe.distribution,
               dense_qkv=recipe.dense_qkv, delta_t=recipe.delta_t, alpha=recipe.alpha, t_end=recipe.t_end,
-              grad_accumulation=recipe.grad_accumulation)
-    if recipe.method == "srigl":
-        kw.update(gamma_sal=recipe.gamma_sal)
+              grad_accumulation=recipe.grad_accumulation, gamma_sal=recipe.gamma_sal)
     return cls(model, optimizer, **kw)
 
 

@@ -422,3 +422,19 @@ def test_updates_stop_at_t_end():
     assert [s for s in range(1, 21) if sp.is_update_step(s)] == [2, 4, 6, 8]
     assert sp.drop_fraction(0) == pytest.approx(0.3) and sp.drop_fraction(10) == pytest.approx(0.0)
     assert sp.drop_fraction(5) == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("cls", ["RigL", "StaticSparse", "SRigL"])
+def test_every_method_takes_srigls_arguments(cls):
+    """The README's promise: the three are swapped for one another by name, SRigL's arguments included."""
+    import inspect as pyinspect
+
+    import sparse_compile
+
+    C = getattr(sparse_compile, cls)
+    assert list(pyinspect.signature(C).parameters) == list(pyinspect.signature(sparse_compile.SRigL).parameters)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    sp = C(model, None, 0.8, 50, 10, 0.3, 0.75, 0.5, "uniform", 1)  # positionally, in SRigL's order
+    assert sp.gamma_sal == 0.5 and sp.distribution == "uniform" and sp.delta_t == 10
+    with pytest.raises(ValueError, match="gamma_sal"):
+        C(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), None, 0.8, 50, gamma_sal=1.5)
