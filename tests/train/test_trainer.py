@@ -438,3 +438,37 @@ def test_every_method_takes_srigls_arguments(cls):
     assert sp.gamma_sal == 0.5 and sp.distribution == "uniform" and sp.delta_t == 10
     with pytest.raises(ValueError, match="gamma_sal"):
         C(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), None, 0.8, 50, gamma_sal=1.5)
+
+
+def _order_run(wrong: bool, steps: int = 30):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = SRigL(model, opt, sparsity=0.9, total_steps=steps, delta_t=5)
+    g = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters())
+    outside = 0  # the most weights outside their masks after any iteration
+    for _ in range(steps):
+        F.cross_entropy(model(torch.randn(16, 32, generator=g)), torch.randint(0, 5, (16,), generator=g)).backward()
+        if wrong:
+            sp.step()
+            opt.step()
+        else:
+            opt.step()
+            sp.step()
+        opt.zero_grad()
+        outside = max(outside, sum(int((params[k].detach()[~m] != 0).sum()) for k, m in sp.masks.items()))
+    return sp, outside
+
+
+def test_step_before_optimizer_step_is_detected_and_made_harmless():
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")  # the right order warns about nothing
+        sp, outside = _order_run(wrong=False)
+    assert sp.report().updates > 0 and outside == 0
+    with pytest.warns(UserWarning, match=r"SRigL.step\(\) was called without an optimizer.step\(\) before it \(at step 1\)") as rec:
+        sp, outside = _order_run(wrong=True)
+    assert len([r for r in rec if "optimizer.step()" in str(r.message)]) == 1  # said once, at the first step
+    assert sp.report().updates > 0 and outside == 0  # every weight still inside its mask
