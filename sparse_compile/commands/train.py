@@ -94,5 +94,7 @@ def run(args) -> int:
         print(f"test accuracy {res['test_accuracy']:.4f}; wrote {Path(args.out) / 'model.safetensors'} and "
               f"{Path(args.out) / 'report.json'}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Rank 0 hosts torchrun's store: no rank may tear down while another still talks to it.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
