@@ -180,3 +180,29 @@ def test_plot_itop_reads_the_report_train_writes(tmp_path, capsys):
                  *FAST]) == 0
     assert main(["plot-itop", str(dense / "report.json"), "-o", str(png)]) == 1
     assert "dense training run" in capsys.readouterr().err
+
+
+def test_threads_default_to_one_for_a_small_model_and_are_restored(tmp_path, capsys):
+    torch.set_num_threads(2)  # the autouse fixture restores the caller's count afterwards
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["threads"] == 1 and rep["workers"] == 0  # 50k parameters, in-memory data
+    assert "1 CPU thread(s), 0 data-loader worker(s)" in capsys.readouterr().out
+    assert torch.get_num_threads() == 2  # train() gives the caller its thread count back
+    out2 = tmp_path / "run2"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--threads", "2", "--out", str(out2), *FAST]) == 0
+    assert json.loads((out2 / "report.json").read_text())["threads"] == 2
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--threads", "0", "--out", str(tmp_path / "r3"),
+                 *FAST]) == 1
+    assert "threads must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_default_workers_leave_a_core_for_training(monkeypatch):
+    from sparse_compile.train import loop
+
+    assert loop.default_workers("digits") == 0
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: 2)
+    assert loop.default_workers("cifar10") == 1
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: 64)
+    assert loop.default_workers("imagenet") == 4
