@@ -37,7 +37,9 @@ def test_optimize_cli_prints_table_and_saves(checkpoint, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["layer", "kind", "shape"]
+    assert lines[0].startswith("auto: 3 layer(s) (") and "weights" in lines[0]  # the one-line summary
+    assert lines[1].split()[:3] == ["layer", "shape", "sparse"]
+    assert max(len(line) for line in lines if not line.startswith("saved ")) <= 100
     for name in ("fc1", "fc2", "fc3"):
         assert any(line.split()[0] == name for line in lines)
     fc1 = next(line for line in lines if line.split()[0] == "fc1")
