@@ -63,8 +63,8 @@ def cpu_kernels() -> bool:
 
     if cpu.build_info().get("tried"):
         return cpu.is_loaded()
-    with slow("building the C++ CPU kernels (first use with this torch on this machine; about 20-30 s, "
-              "cached afterwards)", "C++ CPU kernels ready") as s:
+    with slow("loading the C++ CPU kernels (compiled on first use: about 20-30 s, then cached)",
+              "C++ CPU kernels ready") as s:
         ok = cpu.load()
     if s.shown and not ok:
         _say("sparse_compile: the C++ CPU kernels are unavailable (see the warning above)")

@@ -142,8 +142,7 @@ def optimize(
     if check:
         from ..progress import slow
 
-        with slow("auto: timing the whole model, per-layer result against the original (a few seconds)",
-                  "whole-model check done"):
+        with slow("auto: timing the whole model against the original (a few seconds)", "whole-model check done"):
             gm = _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto)
     return gm
 
