@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Union
 
 import torch
 from torch import nn
@@ -123,8 +123,3 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Path, Mapping[str, 
                          "(strict=False loads what fits)")
     return model
 
-
-def default_model_name(path: Union[str, Path]) -> Optional[str]:
-    """The registered model name a checkpoint records (see :func:`checkpoint_metadata`), or None."""
-    name = checkpoint_metadata(path).get("model")
-    return name if isinstance(name, str) and name else None
