@@ -119,7 +119,7 @@ def run(args) -> int:
     kw = _builder_kwargs(args)
     model = build_model(name, state, args.num_classes, **kw)
     shape = input_shape(name, **kw)
-    x = torch.randn(args.batch_size, *shape, device=args.device)
+    x = torch.randn(args.batch_size, *shape)  # optimize moves it to --device (and names a missing CUDA)
     opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache,
                    whole_model_check=not args.no_whole_model_check)
     rep = opt.sparse_compile_report

@@ -75,3 +75,12 @@ def test_optimize_cli_infers_the_model_a_checkpoint_records(checkpoint, tmp_path
     cap = capsys.readouterr()
     assert rc == 0 and "'mlp' (recorded in the checkpoint)" in cap.err
     assert any(line.split()[:1] == ["fc1"] and "condensed" in line for line in cap.out.splitlines())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_optimize_cli_cuda_without_cuda_is_our_one_line_error(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    assert cli.main(["optimize", str(path), "--model", "mlp", "--device", "cuda", "-o", str(tmp_path / "c.sc")]) == 1
+    err = capsys.readouterr().err
+    assert "device 'cuda' asked for, but CUDA is not available on this machine" in err
+    assert "driver" not in err.lower()
