@@ -30,9 +30,15 @@ import platform
 import time
 import warnings
 
-import torch
-import torch.nn.functional as F
-from torch.utils import benchmark
+import logging
+
+# torch.utils.benchmark imports cpp_extension, which logs "No CUDA runtime is found" on a CPU-only
+# machine: irrelevant to these CPU timings.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils import benchmark  # noqa: E402
 
 import sparse_compile  # noqa: F401  (registers the ops)
 from sparse_compile.kernels import condensed_conv2d, condensed_linear, cpu

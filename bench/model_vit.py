@@ -99,6 +99,8 @@ def profile(fn, x, runs: int) -> dict:
     from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    if not x.is_cuda:  # kineto otherwise logs "ERROR ... gpuGetDeviceCount failed" on a CPU-only machine
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     with torch.inference_mode():
         fn(x)
         with tprofile(activities=acts) as prof:

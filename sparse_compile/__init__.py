@@ -25,6 +25,7 @@ _LAZY = {  # public name -> (module, attribute; None serves the module itself)
     "register_form": ("sparse_compile.compiler", "register_form"),
     "save": ("sparse_compile.compiler.serialize", "save"),
     "load": ("sparse_compile.compiler.serialize", "load"),
+    "load_checkpoint": ("sparse_compile.checkpoint", "load_checkpoint"),
     "flops": ("sparse_compile.analysis.flops", "flops"),
     "theory": ("sparse_compile.analysis.theory", None),
     "models": ("sparse_compile.models", None),

@@ -126,12 +126,15 @@ def _inspect_and_optimize(model, test_set, log) -> dict:
     same_pred = bool(torch.equal(ref.argmax(1), got.argmax(1)))
     acc_ref = float((ref.argmax(1) == y_all).float().mean())
     acc_opt = float((got.argmax(1) == y_all).float().mean())
+    speedup = report.speedup()  # auto's whole-model check: original vs kept model, same run
     log(f"auto: outputs on all {len(x_all)} test images: max |difference| {max_abs:.2e} (relative {rel:.2e}); "
         f"identical predictions: {'yes' if same_pred else 'NO'}; accuracy {100 * acc_ref:.2f}% -> {100 * acc_opt:.2f}% "
-        f"(optimize took {opt_seconds:.2f} s)")
+        + (f"at {speedup:.2f}x the original's speed (whole model, batch 1, measured) " if speedup else "")
+        + f"(optimize took {opt_seconds:.2f} s)")
     result = {"inspect": table.to_dict(), "optimize": report.to_dict(), "forms": report.forms(),
               "max_abs_diff": max_abs, "max_rel_diff": rel, "identical_predictions": same_pred,
-              "accuracy_original": acc_ref, "accuracy_optimized": acc_opt, "optimize_seconds": opt_seconds}
+              "accuracy_original": acc_ref, "accuracy_optimized": acc_opt, "optimize_seconds": opt_seconds,
+              "whole_model_speedup": speedup}
 
     # The same check with every eligible layer forced into the condensed form, whichever is faster.
     forced = optimize(model, example_inputs=(x_all[:1],), mode="condensed", device="cpu", cache=False)
@@ -322,6 +325,8 @@ def _run(out: Path, epochs, sparsity, rounds, threads, seed, progress, log) -> d
         log(f"  wrote {f}")
     log(f"\ndone in {result['seconds_after_setup']:.0f} s after set-up "
         f"(SRigL {100 * result['accuracy']['srigl']:.2f}% vs RigL {100 * result['accuracy']['rigl']:.2f}% vs "
-        f"dense {100 * result['accuracy']['dense']:.2f}%; condensed layer "
+        f"dense {100 * result['accuracy']['dense']:.2f}%; optimized SRigL model "
+        + (f"{opt['whole_model_speedup']:.2f}x" if opt.get("whole_model_speedup") else "not timed")
+        + " the original's speed; condensed ViT layer "
         f"{vit['speedup_vs_dense']['condensed']:.2f}x vs dense, {vit['speedup_vs_csr']['condensed']:.2f}x vs CSR)")
     return result

@@ -6,8 +6,8 @@ def register(sub) -> None:
     """Add the ``demo`` subcommand."""
     p = sub.add_parser(
         "demo", help="train dense / RigL / SRigL on digits, optimize, time a ViT layer, write plots",
-        description="Train the digits MLP dense, with RigL and with SRigL at 90%% sparsity; inspect and optimize "
-                    "the SRigL model; time a 90%%-sparse ViT-B/16 MLP layer (dense, CSR, condensed) at batch 1 on "
+        description="Train the digits MLP dense, with RigL and with SRigL at 90% sparsity; inspect and optimize "
+                    "the SRigL model; time a 90%-sparse ViT-B/16 MLP layer (dense, CSR, condensed) at batch 1 on "
                     "this CPU; write report.json and PNG plots. Every number is measured in the run.",
     )
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")

@@ -1,7 +1,8 @@
-"""``sparse-compile optimize CHECKPOINT --model NAME``: rewrite a trained sparse model and save it."""
+"""``sparse-compile optimize CHECKPOINT [--model NAME]``: rewrite a trained sparse model and save it."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -15,7 +16,9 @@ def register(sub) -> None:
                     "(safetensors + JSON rebuild spec; load it with sparse_compile.load).",
     )
     p.add_argument("checkpoint", help="state dict (.safetensors or torch file) of the trained model, masks included")
-    p.add_argument("--model", required=True, help="registered model name (see sparse_compile.models.list_models())")
+    p.add_argument("--model", default=None,
+                   help="registered model name (see sparse_compile.models.list_models()); default: the model the "
+                        "checkpoint records (sparse-compile train records it)")
     p.add_argument("--mode", default="auto", help="auto, dense, ablated_dense, condensed or csr (default: auto; structured is the old name of ablated_dense)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input 'auto' times with")
     p.add_argument("--device", default="cpu", help="device the result runs on and is timed on (default: cpu)")
@@ -24,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra builder argument (VALUE parsed as JSON when possible), repeatable")
     p.add_argument("--repeats", type=int, default=15, help="timing repeats per form in 'auto' (default: 15)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="run the optimized model in this dtype (bfloat16: bf16 values and activations, fp32 "
+                        "accumulation in the condensed kernels; the error against fp32 is reported)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the autotune cache")
     p.add_argument("--no-whole-model-check", action="store_true",
                    help="in 'auto', keep the per-layer choices even if the whole model would run faster "
@@ -83,7 +89,8 @@ def _create(name: str, kw: dict, **extra):
 
 
 def build_model(name: str, state: dict, num_classes=None, **kw):
-    """The registered model ``name`` with ``state`` loaded; masks (``*.weight_mask``) become buffers.
+    """The registered model ``name`` with ``state`` loaded (masks included, see
+    :func:`sparse_compile.load_checkpoint`), in eval mode.
 
     ``num_classes`` defaults to the head weight's output size in ``state``.
     """
@@ -98,25 +105,30 @@ def build_model(name: str, state: dict, num_classes=None, **kw):
         raise ValueError(f"--num-classes {num_classes} does not fit the checkpoint: its head '{head}' has "
                          f"{int(w.shape[0])} outputs")
     model = _create(name, kw, num_classes=num_classes)
-    for key, t in state.items():
-        if key.endswith(".weight_mask"):
-            mod_name = key[: -len(".weight_mask")]
-            try:
-                mod = model.get_submodule(mod_name)
-            except AttributeError:
-                raise ValueError(f"checkpoint mask {key!r} has no layer {mod_name!r} in model {name!r}") from None
-            mod.register_buffer("weight_mask", t.bool().clone())
+    from sparse_compile.checkpoint import load_checkpoint
+
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # size mismatches: name the first one
-        detail = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        raise ValueError(f"checkpoint does not fit model {name!r}{kw and f' with {kw}' or ''}: "
-                         f"{detail[0] if detail else str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not fit model {name!r}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+        load_checkpoint(model, state)
+    except ValueError as e:
+        raise ValueError(f"checkpoint does not fit model {name!r}{kw and f' with {kw}' or ''}: {e}") from None
     return model.eval()
+
+
+def _model_name(args) -> str:
+    """--model, else the model the checkpoint records."""
+    from sparse_compile.checkpoint import checkpoint_metadata
+
+    meta = checkpoint_metadata(args.checkpoint)
+    if args.model is not None:
+        return args.model
+    name = meta.get("model")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{args.checkpoint} does not record its model (checkpoints written by sparse-compile train "
+                         "do); pass --model NAME (see sparse_compile.models.list_models())")
+    if args.image_size is None and isinstance(meta.get("image_size"), int):
+        args.image_size = meta["image_size"]
+    print(f"model {name!r} (recorded in the checkpoint)", file=sys.stderr)
+    return name
 
 
 def run(args) -> int:
@@ -146,15 +158,16 @@ def run(args) -> int:
     if is_saved_model(ckpt):
         raise ValueError(f"{ckpt} is already an optimized model (written by sparse_compile.save); "
                          "optimize takes the trained checkpoint")
-    state = load_state_dict(ckpt)
+    state = load_state_dict(ckpt)  # first: its errors say what is wrong with the file
+    name = _model_name(args)
     kw = _builder_kwargs(args)
-    model = build_model(args.model, state, args.num_classes, **kw)
+    model = build_model(name, state, args.num_classes, **kw)
     # Checked before the (long) optimize, and never the checkpoint itself.
     check_output_file(out, inputs=(ckpt,), force=args.force)
-    shape = input_shape(args.model, **kw)
-    x = torch.randn(args.batch_size, *shape, device=args.device)
+    shape = input_shape(name, **kw)
+    x = torch.randn(args.batch_size, *shape)  # optimize moves it to --device (and names a missing CUDA)
     opt = optimize(model, (x,), mode=args.mode, device=args.device, repeats=args.repeats, cache=not args.no_cache,
-                   whole_model_check=not args.no_whole_model_check)
+                   whole_model_check=not args.no_whole_model_check, dtype=args.dtype)
     rep = opt.sparse_compile_report
     save(opt, out)
     if args.json:

@@ -12,7 +12,8 @@ MAX_LEGEND = 12  # more layers than this get a colour bar over layer depth inste
 def register(sub) -> None:
     """Add the ``plot-itop`` subcommand."""
     p = sub.add_parser("plot-itop", help="plot the ITOP rate over training from a trainer report JSON")
-    p.add_argument("report", help='trainer report JSON: {"history": [{"step", "itop", "layers": {name: rate}}]}')
+    p.add_argument("report", help="report.json of sparse-compile train, or a sparsifier report JSON "
+                                  '({"history": [{"step", "itop", "layers": {name: rate}}]})')
     p.add_argument("-o", "--output", required=True, metavar="PNG", help="where to write the plot")
     p.add_argument("--title", default=None, help="plot title (default: the report file name)")
     p.set_defaults(func=run)
@@ -36,9 +37,16 @@ def load_history(path) -> tuple[list[int], list[float], dict[str, list[tuple[int
         rep = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(rep, dict) and "sparsifier" in rep:
+        # `sparse-compile train`'s report.json: its top-level "history" is per epoch (no ITOP); the
+        # sparsifier's report holds the per-update history.
+        if not isinstance(rep["sparsifier"], dict):
+            raise ValueError(f"{path}: a dense training run (no sparsifier) has no ITOP history")
+        rep = rep["sparsifier"]
     hist = rep.get("history") if isinstance(rep, dict) else None
     if not isinstance(hist, list) or not hist:
-        raise ValueError(f'{path}: expected a non-empty "history" list of {{"step", "itop", "layers"}} entries')
+        raise ValueError(f'{path}: expected a non-empty "history" list of {{"step", "itop", "layers"}} entries '
+                         '(a sparsifier report, or the report.json of sparse-compile train)')
     steps, rates, layers = [], [], {}
     for i, h in enumerate(hist):
         where = f"{path}: history[{i}]"

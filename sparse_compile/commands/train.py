@@ -54,7 +54,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of initialisation, masks and data order (default 0, or the checkpoint's with --resume)")
     p.add_argument("--workers", type=int, default=None,
-                   help="data loader workers (default: 0 for digits / MNIST / Fashion-MNIST, else 4)")
+                   help="data loader worker processes (default: 0 for the in-memory digits / MNIST / Fashion-MNIST sets, else one per spare CPU core, at most 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: 1 for models under 1M parameters on the CPU, "
+                        "else one per core)")
     p.add_argument("--out", help="output folder (checkpoint.pt, model.safetensors, report.json)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after-epochs", type=int, metavar="N",
@@ -99,11 +102,14 @@ def run(args) -> int:
         print(f"recipe {recipe.name} ({recipe.source}): {recipe.model} on {recipe.dataset}, {recipe.method} at "
               f"sparsity {recipe.sparsity}, {recipe.epochs} epochs")
     res = train(recipe, data=args.data, out=args.out, device=args.device, resume=args.resume, seed=seed,
-                workers=args.workers, progress=not args.no_progress, stop_after=args.stop_after_epochs)
+                workers=args.workers, threads=args.threads, progress=not args.no_progress,
+                stop_after=args.stop_after_epochs)
     if rank == 0:
         print(res["inspect"])
         print(f"test accuracy {res['test_accuracy']:.4f}; wrote {Path(args.out) / 'model.safetensors'} and "
               f"{Path(args.out) / 'report.json'}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Rank 0 hosts torchrun's store: no rank may tear down while another still talks to it.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0

@@ -124,6 +124,14 @@ def optimize(
             stacklevel=2,
         )
     dev = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"optimize: device {str(dev)!r} asked for, but CUDA is not available on this machine "
+                         f"(torch {torch.__version__}); use device='cpu'")
+    _say_what_is_missing(model, cfg)
+    if dev.type == "cpu" and cfg.mode != "dense":
+        from ..progress import cpu_kernels
+
+        cpu_kernels()  # the first build takes ~20 s: say so instead of going silent
     work = copy.deepcopy(model).eval().to(dev)
     inputs = None if example_inputs is None else tuple(_to_device(x, dev) for x in example_inputs)
     reference = None
@@ -135,7 +143,10 @@ def optimize(
     original = copy.deepcopy(work) if check else None  # the build below rewrites `work`'s modules
     gm = _build(work, cfg, inputs, dev, uses_auto)
     if check:
-        gm = _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto)
+        from ..progress import slow
+
+        with slow("auto: timing the whole model against the original (a few seconds)", "whole-model check done"):
+            gm = _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto)
     if reference is not None:
         with torch.no_grad():
             err = relative_error(gm(*inputs), reference)
@@ -157,6 +168,34 @@ def _cast(work: nn.Module, inputs, dtype: torch.dtype):
             reference = work(*inputs)
         inputs = tuple(x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
     return work.to(dtype), inputs, reference
+
+
+def _say_what_is_missing(model: nn.Module, cfg: OptimizeConfig) -> None:
+    """Warn when there is nothing sparse to optimize, or a pattern of a ``mode`` dict names no layer."""
+    import fnmatch
+
+    from ..formats import get_mask
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if isinstance(cfg.mode, dict):
+        unmatched = [p for p in cfg.mode if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
+        if unmatched:
+            some = ", ".join(list(layers)[:6]) + (" ..." if len(layers) > 6 else "")
+            warnings.warn(f"sparse_compile.optimize: mode pattern(s) {unmatched} match no Linear/Conv2d layer of "
+                          f"{type(model).__name__} (its layers: {some or 'none'})", stacklevel=3)
+
+    def sparse(m) -> bool:
+        if get_mask(m) is not None:
+            return True
+        w = m.weight.detach()
+        return w.numel() > 0 and float((w == 0).sum()) >= 0.5 * w.numel()
+
+    if cfg.mode != "dense" and not any(sparse(m) for m in layers.values()):
+        warnings.warn(
+            f"sparse_compile.optimize: {type(model).__name__} has no sparse layer (no weight_mask buffer, and no "
+            "Linear/Conv2d with at least half of its weights zero), so there is nothing to gain; its layers stay "
+            "dense. A model trained with sparse_compile's trainer keeps its masks in the checkpoint: load it with "
+            "sparse_compile.load_checkpoint(model, path).", stacklevel=3)
 
 
 def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool) -> nn.Module:

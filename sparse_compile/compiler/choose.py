@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ..progress import Ticker
 from ..timing import time_call
 from .cache import timing_key
 from .config import OptimizeConfig
@@ -89,7 +90,9 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
         for h in hooks:
             h.remove()
     rtol = cfg.rtol if cfg.rtol is not None else _default_rtol(dtype, layer=True)
-    for s in auto:
+    ticker = Ticker("auto: timing the forms of layer", len(auto))
+    for i, s in enumerate(auto):
+        ticker.tick(i, s.name)
         if s.sample is None:
             s.reason = "not reached by the example inputs; kept " + s.form
             s.times = {}
@@ -97,6 +100,7 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
         _autotune_slot(s, cfg, dev, dtype, cache, rtol)
         s.sample = None
         _install(s)
+    ticker.close()
 
 
 def _capture(slot):

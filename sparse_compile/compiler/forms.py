@@ -77,6 +77,11 @@ def _condensed_unavailable(slot, cfg):
         ratio = _pad_ratio(slot)
         rng = f"fan-in {info.fan_in_min}-{info.fan_in_max}"
         if slot.mode == "condensed" and not cfg.pad_condensed:
+            if formats.get_mask(slot.module) is None and info.sparsity < 0.5:  # e.g. a few exact-zero init weights
+                raise ValueError(
+                    f"layer {slot.name!r} is not sparse: no weight_mask buffer and only {100 * info.sparsity:.2f}% "
+                    f"of its weights are zero ({rng}), so it has no constant fan-in to condense. Load the trained "
+                    "masks (sparse_compile.load_checkpoint), or leave this layer out of mode 'condensed'.")
             raise ValueError(
                 f"layer {slot.name!r}: fan-in is not constant over active neurons ({rng}); the "
                 "condensed form needs constant fan-in. Use mode 'auto' or 'csr' for this layer, or "

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -32,6 +34,10 @@ class LayerReport:
     rel_err: Optional[float]
     bytes_before: int
     bytes_after: int
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KB"
 
 
 class OptimizeReport(list):
@@ -95,40 +101,106 @@ class OptimizeReport(list):
         rep.error_vs_original_dtype = d.get("error_vs_original_dtype")
         return rep
 
-    def __str__(self) -> str:
-        head = ("layer", "kind", "shape", "sparsity", "fan-in", "active", "inputs", "form", "output",
-                "time per form (us)", "KB before", "KB after", "why")
-        rows = []
-        for r in self:
-            t = "  ".join(f"{f}{'*' if f == r.form else ''} {v:.1f}" for f, v in r.times_us.items()) or "-"
-            rows.append((
-                r.name, r.kind, "x".join(map(str, r.shape)), f"{100 * r.sparsity:.1f}%", r.fan_in,
-                f"{r.active}/{r.active + r.ablated}", r.inputs_kept, r.form, r.output, t,
-                f"{r.bytes_before / 1024:.1f}", f"{r.bytes_after / 1024:.1f}", r.reason,
-            ))
-        w = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
-        left = {0, 1, 7, 8, 9, 12}
-        fmt = lambda cells: "  ".join(  # noqa: E731
-            (c.ljust(w[i]) if i in left else c.rjust(w[i])) for i, c in enumerate(cells)).rstrip()
-        lines = [fmt(head), fmt(tuple("-" * x for x in w))] + [fmt(row) for row in rows]
+    def speedup(self) -> Optional[float]:
+        """Whole-model speedup over the original layers measured by "auto"'s check (None if not run)."""
+        wm = self.whole_model or {}
+        ms = wm.get("median_ms") or {}
+        orig = ms.get("original")
+        chosen = ms.get(wm.get("chosen"), orig)  # "original layers" is timed as "original"
+        return orig / chosen if orig and chosen else None
+
+    def summary(self) -> str:
+        """One line: layers by form, weight bytes before and after, the measured speedup if any."""
         counts: dict = {}
         for r in self:
             counts[r.form] = counts.get(r.form, 0) + 1
-        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        lines.append(
-            f"{len(self)} layers ({summary}); weights {self.bytes_before / 2**20:.2f} MiB -> "
-            f"{self.bytes_after / 2**20:.2f} MiB; mode {self.mode!r}"
-            + ("" if self.traced else "; NOT traced (modules swapped in place)")
-        )
+        forms = ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        b0, b1 = self.bytes_before, self.bytes_after
+        mode = self.mode if isinstance(self.mode, str) else "by pattern"
+        line = (f"{mode}: {len(self)} layer(s) ({forms or 'none'}); weights {_size(b0)} -> {_size(b1)}"
+                + (f" ({b0 / b1:.1f}x smaller)" if b1 and b0 > b1 * 1.05 else ""))
+        sp = self.speedup()
+        if sp is not None:
+            line += f"; measured speedup {sp:.2f}x (whole model)"
+        if not self.traced:
+            line += "; NOT traced (modules swapped in place)"
+        return line
+
+    def outliers(self) -> dict:
+        """Layer name -> why its timing looks wrong: among layers of the same kind and shape (3 or
+        more, e.g. repeated blocks), a form timed over 2x away from the group's median. Usually a
+        busy machine during that measurement; rerun with the cache off to re-time."""
+        groups: dict = {}
+        for r in self:
+            if r.times_us:
+                groups.setdefault((r.kind, tuple(r.shape)), []).append(r)
+        out = {}
+        for group in groups.values():
+            if len(group) < 3:
+                continue
+            for f in set.intersection(*(set(r.times_us) for r in group)):
+                med = statistics.median(r.times_us[f] for r in group)
+                for r in group:
+                    t = r.times_us[f]
+                    if med > 0 and (t > 2 * med or t < med / 2) and r.name not in out:
+                        out[r.name] = f"{f} {t:.1f} us vs {med:.1f} us median of {len(group)} same-shape layers"
+        return out
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def table(self, width: int = 100) -> str:
+        """The summary line, a per-layer table at most ``width`` columns wide, then each layer's
+        timings and reason, and the notes."""
+        head = ["layer", "shape", "sparse", "fan-in", "active", "form", "output", "time us", "gain", "KB"]
+        flagged = self.outliers()
+        kb = lambda b: f"{b / 1024:.0f}" if b >= 10 * 1024 else f"{b / 1024:.1f}"  # noqa: E731
+        rows = []
+        for r in self:
+            t = r.times_us.get(r.form)
+            d = r.times_us.get("dense")
+            rows.append([
+                r.name, "x".join(map(str, r.shape)), f"{100 * r.sparsity:.1f}%", r.fan_in,
+                f"{r.active}/{r.active + r.ablated}", r.form, r.output,
+                "-" if t is None else f"{t:.1f}" + ("!" if r.name in flagged else ""),
+                f"{d / t:.2f}x" if t and d and r.form != "dense" else "-",
+                f"{kb(r.bytes_before)}->{kb(r.bytes_after)}",
+            ])
+        if all(r.output == "full" for r in self):  # nothing ablated was reduced or scattered
+            del head[6]
+            for row in rows:
+                del row[6]
+        w = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+        sep = "  " if sum(w[1:]) + 2 * (len(w) - 1) + 12 <= width else " "
+        room = width - (sum(w[1:]) + len(sep) * (len(w) - 1))
+        if w[0] > max(room, 8):  # long names lose their middle, the table keeps its width
+            w[0] = max(room, 8)
+            for row in rows:
+                if len(row[0]) > w[0]:
+                    keep = w[0] - 1
+                    row[0] = row[0][: keep - keep // 2] + "~" + row[0][len(row[0]) - keep // 2:]
+        left = {0, head.index("form")} | ({head.index("output")} if "output" in head else set())
+        fmt = lambda cells: sep.join(  # noqa: E731
+            (c.ljust(w[i]) if i in left else c.rjust(w[i])) for i, c in enumerate(cells)).rstrip()
+        lines = [self.summary(), fmt(head), fmt(tuple("-" * x for x in w))] + [fmt(row) for row in rows]
+        if flagged:
+            lines.append("! timing outlier (a busy machine? re-time with cache=False / --no-cache): "
+                         + "; ".join(f"{k}: {v}" for k, v in flagged.items()))
+        lines.append("per layer: time per form in us (* chosen), and why:")
+        for r in self:
+            t = ", ".join(f"{f}{'*' if f == r.form else ''} {v:.1f}" for f, v in r.times_us.items())
+            lines.extend(textwrap.wrap(f"{r.name}: " + (f"{t}; " if t else "") + r.reason, width,
+                                       initial_indent="  ", subsequent_indent="      "))
         if self.verify_rel_err is not None:
             lines.append(f"checked against the original on the example inputs: max relative error "
                          f"{self.verify_rel_err:.2e}")
         if self.restores:
             lines.append(f"full width restored at {len(self.restores)} place(s):")
             for r in self.restores:
-                lines.append(f"  {r['node']} -> {r['user']}: {r['reason']}")
+                lines.extend(textwrap.wrap(f"{r['node']} -> {r['user']}: {r['reason']}", width,
+                                           initial_indent="  ", subsequent_indent="      "))
         for n in self.notes:
-            lines.append(f"note: {n}")
+            lines.extend(textwrap.wrap(f"note: {n}", width, subsequent_indent="      "))
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -41,13 +41,18 @@ def resolve_recipe(name, *, sparsity=None, epochs=None, method=None, batch_size=
     return r.replace(**changes) if changes else r
 
 
+def _builder_args(model: str):
+    from sparse_compile.models import model_spec
+
+    return pyinspect.signature(model_spec(model).builder).parameters
+
+
 def build_model(recipe) -> nn.Module:
     """The recipe's model, with ``image_size`` passed to builders that take it."""
-    from sparse_compile.models import create_model, model_spec
+    from sparse_compile.models import create_model
 
     kw = {}
-    builder_args = pyinspect.signature(model_spec(recipe.model).builder).parameters
-    if recipe.image_size is not None and "image_size" in builder_args:
+    if recipe.image_size is not None and "image_size" in _builder_args(recipe.model):
         kw["image_size"] = recipe.image_size
     return create_model(recipe.model, num_classes=recipe.num_classes, **kw)
 
@@ -100,10 +105,37 @@ def build_sparsifier(recipe, model: nn.Module, optimizer, total_steps: int):
     cls = getattr(sparse_compile, METHOD_CLASSES[recipe.method])
     kw = dict(sparsity=recipe.sparsity, total_steps=total_steps, distribution=recipe.distribution,
               dense_qkv=recipe.dense_qkv, delta_t=recipe.delta_t, alpha=recipe.alpha, t_end=recipe.t_end,
-              grad_accumulation=recipe.grad_accumulation)
-    if recipe.method == "srigl":
-        kw.update(gamma_sal=recipe.gamma_sal)
+              grad_accumulation=recipe.grad_accumulation, gamma_sal=recipe.gamma_sal)
     return cls(model, optimizer, **kw)
+
+
+#: Below this many parameters a model trains fastest on one CPU thread: its matmuls are too small
+#: to split, and on a shared machine extra threads mostly wait (the digits MLP, 50k parameters, on
+#: 2 cores: 74.5 s with torch's default threads, 7.2 s with one).
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def default_threads(model: nn.Module, device) -> Optional[int]:
+    """Torch threads for training ``model`` on ``device``: 1 for a small model on the CPU, else None
+    (torch's default: one per core)."""
+    n = sum(p.numel() for p in model.parameters())
+    return 1 if torch.device(device).type == "cpu" and n < SMALL_MODEL_PARAMS else None
+
+
+def default_workers(dataset: str) -> int:
+    """Data-loader worker processes: none for the in-memory sets, else one per spare core, at most 4.
+
+    A worker is a whole process; more workers than spare cores slow the training process down.
+    """
+    if dataset in ("digits", "mnist", "fashion-mnist"):  # in-memory tensors: a worker only adds IPC
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _check_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    return threads
 
 
 def masks_sparsity(sparsifier) -> Optional[float]:
@@ -178,8 +210,8 @@ def _fingerprint(model: nn.Module) -> str:
 # ------------------------------------------------------------------------------------------ the loop
 
 def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = False, seed: int = 0,
-          workers: Optional[int] = None, progress: bool = True, datasets=None, stop_after: Optional[int] = None,
-          log=print, sparsifier_factory=None) -> dict:
+          workers: Optional[int] = None, threads: Optional[int] = None, progress: bool = True, datasets=None,
+          stop_after: Optional[int] = None, log=print, sparsifier_factory=None) -> dict:
     """Train ``recipe`` and return ``{"model", "sparsifier", "history", "test_accuracy", "report"}``.
 
     ``datasets`` (a ``(train, test)`` pair) bypasses loading from ``data``. With ``out``, a checkpoint
@@ -188,8 +220,22 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
     time-limited jobs: resume later, the result is bit-identical to an uninterrupted run on CPU).
     ``sparsifier_factory(recipe, model, optimizer, total_steps)`` replaces :func:`build_sparsifier`
     (a method the recipe cannot name, e.g. in ``bench/accuracy.py``).
-    Runs under torchrun (DDP) when ``WORLD_SIZE`` > 1.
+    ``threads`` (torch's intra-op threads during the run) and ``workers`` (data-loader processes)
+    default to :func:`default_threads` and :func:`default_workers`. Runs under torchrun (DDP) when
+    ``WORLD_SIZE`` > 1.
     """
+    prev_threads = torch.get_num_threads()
+    try:
+        return _train(recipe, data=data, out=out, device=device, resume=resume, seed=seed, workers=workers,
+                      threads=threads, progress=progress, datasets=datasets, stop_after=stop_after, log=log,
+                      sparsifier_factory=sparsifier_factory)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(recipe, *, data, out, device, resume, seed, workers, threads, progress, datasets, stop_after,
+           log, sparsifier_factory) -> dict:
+    """:func:`train` proper (torch's thread count restored by the caller)."""
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
     from tqdm.auto import tqdm
 
@@ -234,7 +280,7 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
                                   random_erasing=recipe.random_erasing, seed=seed)
     train_ds, test_ds = datasets
     if workers is None:
-        workers = 0 if recipe.dataset in ("digits", "mnist", "fashion-mnist") else 4  # in-memory tensors
+        workers = default_workers(recipe.dataset)
     drop_last = len(train_ds) >= recipe.batch_size * world
     sampler = (DistributedSampler(train_ds, world, rank, shuffle=True, seed=seed, drop_last=drop_last)
                if world > 1 else None)
@@ -250,6 +296,13 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
     mix = batch_transform(recipe.mixup_alpha, recipe.cutmix_alpha, recipe.num_classes)
 
     model = build_model(recipe).to(dev)
+    if threads is None:
+        threads = default_threads(model, dev)
+    if threads is not None:
+        torch.set_num_threads(_check_threads(threads))
+    if dev.type == "cpu":
+        say(f"{torch.get_num_threads()} CPU thread(s), {workers} data-loader worker(s) per process "
+            "(--threads, --workers)")
     optimizer = build_optimizer(recipe, model.parameters())
     sparsifier = (sparsifier_factory or build_sparsifier)(recipe, model, optimizer, total_steps)
     net = model
@@ -359,14 +412,18 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
     table = inspect(model)
     report = dict(recipe=recipe.to_dict(), method=recipe.method, seed=seed, steps=step, epochs_done=len(history),
                   test_accuracy=test_acc, history=history, sparsifier=sp_report, inspect=table.to_dict(),
-                  train_seconds=wall, world_size=world, ranks_consistent=consistent, device=str(dev),
+                  train_seconds=wall, threads=torch.get_num_threads(), workers=workers, world_size=world, ranks_consistent=consistent, device=str(dev),
                   torch=torch.__version__)
     if out is not None and main:
         from safetensors.torch import save_file
 
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(out / "model.safetensors"), metadata={"recipe": recipe.name, "model": recipe.model,
-                                                                "method": recipe.method})
+        # What `sparse-compile optimize` needs to rebuild the model without --model / --image-size.
+        meta = {"recipe": recipe.name, "model": recipe.model, "method": recipe.method,
+                "num_classes": str(recipe.num_classes)}
+        if recipe.image_size is not None and "image_size" in _builder_args(recipe.model):
+            meta["image_size"] = str(recipe.image_size)
+        save_file(sd, str(out / "model.safetensors"), metadata=meta)
         (out / "report.json").write_text(json.dumps(report, indent=2))
     return dict(model=model, sparsifier=sparsifier, history=history, test_accuracy=test_acc, report=report,
                 inspect=table)

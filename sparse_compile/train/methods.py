@@ -30,11 +30,24 @@ def _drop_smallest(aw: torch.Tensor, live: torch.Tensor, n: int) -> torch.Tensor
     return keep
 
 
-class StaticSparse(SparseTrainer):
+class _SameArguments(SparseTrainer):
+    """The constructor all three methods share, SRigL's, so that one is swapped for another by name.
+
+    ``gamma_sal`` (SRigL's ablation threshold) is validated by every method and used only by SRigL.
+    """
+
+    def __init__(self, model, optimizer, sparsity=0.9, total_steps=None, delta_t=100, alpha=0.3, t_end=0.75,
+                 gamma_sal: float = 0.3, distribution="erk", grad_accumulation=1, **kw):
+        self.gamma_sal = _check_frac("gamma_sal", gamma_sal, lo_open=False)
+        super().__init__(model, optimizer, sparsity, total_steps, delta_t, alpha, t_end, distribution,
+                         grad_accumulation, **kw)
+
+
+class StaticSparse(_SameArguments):
     """Random constant fan-in masks, never updated (the static sparse baseline).
 
-    Same arguments as :class:`SparseTrainer`; the update schedule ones (``total_steps``, ``delta_t``,
-    ``alpha``, ``t_end``, ``grad_accumulation``) are accepted and ignored.
+    Same arguments as :class:`SRigL`; the update schedule ones (``total_steps``, ``delta_t``,
+    ``alpha``, ``t_end``, ``grad_accumulation``) and ``gamma_sal`` are accepted and unused.
     """
 
     method = "StaticSparse"
@@ -44,11 +57,12 @@ class StaticSparse(SparseTrainer):
         return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
 
 
-class RigL(SparseTrainer):
+class RigL(_SameArguments):
     """RigL (Evci et al. 2020): unstructured masks; prune by |w|, regrow by |dense grad|, layer-wide.
 
     Each layer has the same number of weights as under SRigL (``out * k``), placed at random at start,
-    so the two are compared at equal parameter counts.
+    so the two are compared at equal parameter counts. Same arguments as :class:`SRigL`;
+    ``gamma_sal`` is accepted and unused (RigL ablates no neuron).
     """
 
     method = "RigL"
@@ -62,7 +76,7 @@ class RigL(SparseTrainer):
         return keep | _top_mask(torch.where(keep, -1.0, g2.abs().float()), n_prune)
 
 
-class SRigL(SparseTrainer):
+class SRigL(_SameArguments):
     """SRigL (Lasby et al. 2024): RigL with constant fan-in per neuron and dynamic neuron ablation.
 
     Extra argument ``gamma_sal`` (default 0.3; the paper uses 0.95 for ViT): a neuron with fewer than
@@ -72,12 +86,6 @@ class SRigL(SparseTrainer):
     """
 
     method = "SRigL"
-
-    def __init__(self, model, optimizer, sparsity=0.9, total_steps=None, delta_t=100, alpha=0.3, t_end=0.75,
-                 gamma_sal: float = 0.3, distribution="erk", grad_accumulation=1, **kw):
-        self.gamma_sal = _check_frac("gamma_sal", gamma_sal, lo_open=False)
-        super().__init__(model, optimizer, sparsity, total_steps, delta_t, alpha, t_end, distribution,
-                         grad_accumulation, **kw)
 
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)

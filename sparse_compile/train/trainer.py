@@ -215,6 +215,11 @@ class SparseTrainer:
         self._hooks_on = False
         self._install_hooks()
         self._record_history(alpha=0.0)
+        # Call-order guard: step() must follow optimizer.step(). Called before it, an update's pruned
+        # weights keep their gradient and momentum, and the optimizer moves them off their masks.
+        self._opt_steps = 0  # optimizer.step() calls since the last step()
+        self._mask_after_opt = False  # set once the wrong order is seen: masks re-applied after each
+        self._order_hook = None if optimizer is None else optimizer.register_step_post_hook(self._after_opt_step)
 
     # ------------------------------------------------------------------------------- schedule
     @property
@@ -264,8 +269,29 @@ class SparseTrainer:
 
         return hook
 
+    def _after_opt_step(self, optimizer, args, kwargs) -> None:
+        self._opt_steps += 1
+        if self._mask_after_opt:
+            self.apply_masks()
+
+    def _check_order(self) -> None:
+        if self.optimizer is None or self._opt_steps > 0 or self._mask_after_opt:
+            return
+        self._mask_after_opt = True
+        warnings.warn(
+            f"{self.method}.step() was called without an optimizer.step() before it (at step {self._step + 1}): "
+            "call it after optimizer.step(), otherwise each topology update's pruned weights are moved off their "
+            "masks by the optimizer. From now on the masks are also re-applied after every optimizer.step(), "
+            "which keeps the weights inside them. (An optimizer step skipped on purpose, e.g. by a GradScaler "
+            "after an overflow, also triggers this warning.)",
+            stacklevel=3,
+        )
+
     def remove(self) -> None:
         """Stop managing the model: remove the gradient hooks. The mask buffers stay on the model."""
+        if self._order_hook is not None:
+            self._order_hook.remove()
+            self._order_hook = None
         for layer in self._layers:
             for h in layer.handles:
                 h.remove()
@@ -295,6 +321,8 @@ class SparseTrainer:
         """
         if not self._hooks_on:
             raise RuntimeError(f"{self.method}.step() after remove()")
+        self._check_order()
+        self._opt_steps = 0
         if self._accumulating:
             self._acc_steps += 1
         self._step += 1

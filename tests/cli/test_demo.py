@@ -32,6 +32,11 @@ def test_reduced_demo_writes_report_and_plots(tmp_path, capsys):
     assert opt["condensed_identical_predictions"] and opt["condensed_forms"]["fc1"] == "condensed"
     assert opt["inspect"]["layers"][0]["constant_fan_in"]
     assert "optimize(model, mode='auto')" in printed
+    # the measured whole-model speedup is printed beside the accuracy, from the report's medians
+    wm = opt["optimize"]["whole_model"]["median_ms"]
+    chosen = wm.get(opt["optimize"]["whole_model"]["chosen"], wm["original"])
+    assert math.isclose(opt["whole_model_speedup"], wm["original"] / chosen)
+    assert f"at {opt['whole_model_speedup']:.2f}x the original's speed" in printed
 
     # 3. layer timings: positive, finite, and the printed ratios are the ratios of the medians
     t = rep["vit_layer"]

@@ -37,7 +37,9 @@ def test_optimize_cli_prints_table_and_saves(checkpoint, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["layer", "kind", "shape"]
+    assert lines[0].startswith("auto: 3 layer(s) (") and "weights" in lines[0]  # the one-line summary
+    assert lines[1].split()[:3] == ["layer", "shape", "sparse"]
+    assert max(len(line) for line in lines if not line.startswith("saved ")) <= 100
     for name in ("fc1", "fc2", "fc3"):
         assert any(line.split()[0] == name for line in lines)
     fc1 = next(line for line in lines if line.split()[0] == "fc1")
@@ -61,3 +63,24 @@ def test_optimize_cli_json_and_errors(checkpoint, tmp_path, capsys):
     assert "--mode must be one of" in capsys.readouterr().err
     assert cli.main(["optimize", str(path), "--model", "resnet18_cifar"]) == 1
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_optimize_cli_infers_the_model_a_checkpoint_records(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    rc = cli.main(["optimize", str(path), "--mode", "dense", "-o", str(tmp_path / "a.sc")])
+    assert rc == 1 and "does not record its model" in capsys.readouterr().err
+    recorded = tmp_path / "recorded.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(recorded), metadata={"model": "mlp"})
+    rc = cli.main(["optimize", str(recorded), "--mode", "condensed", "-o", str(tmp_path / "b.sc")])
+    cap = capsys.readouterr()
+    assert rc == 0 and "'mlp' (recorded in the checkpoint)" in cap.err
+    assert any(line.split()[:1] == ["fc1"] and "condensed" in line for line in cap.out.splitlines())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_optimize_cli_cuda_without_cuda_is_our_one_line_error(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    assert cli.main(["optimize", str(path), "--model", "mlp", "--device", "cuda", "-o", str(tmp_path / "c.sc")]) == 1
+    err = capsys.readouterr().err
+    assert "cuda" in err and "CUDA is not available on this machine" in err and len(err.strip().splitlines()) == 1
+    assert "driver" not in err.lower()

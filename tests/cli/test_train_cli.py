@@ -45,6 +45,9 @@ def test_train_digits_writes_checkpoint_model_report_and_table(tmp_path, capsys)
     assert [r.name for r in table] == ["fc1", "fc2", "fc3"] and all(r.constant_fan_in for r in table)
     assert abs(table.sparsity - rep["sparsifier"]["sparsity"]) < 1e-6
     assert "fc1" in cap.out and "global sparsity" in cap.out and "test accuracy" in cap.out
+    from sparse_compile.checkpoint import checkpoint_metadata  # what `optimize` infers --model from
+    assert checkpoint_metadata(out / "model.safetensors")["model"] == "mlp"
+    assert checkpoint_metadata(out / "checkpoint.pt")["model"] == "mlp"
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -159,3 +162,47 @@ def test_recipe_settings_reach_optimizer_and_sparsifier():
     sp = build_sparsifier(r, model, opt, total_steps=100)
     assert (sp.gamma_sal, sp.distribution, sp.delta_t, sp.total_steps) == (0.5, "uniform", 7, 100)
     assert build_sparsifier(r.replace(method="dense"), model, opt, 100) is None
+
+
+def test_plot_itop_reads_the_report_train_writes(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plot-itop draws with matplotlib (extra 'demo')")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    updates = rep["sparsifier"]["updates"]
+    capsys.readouterr()
+    png = tmp_path / "itop.png"
+    assert main(["plot-itop", str(out / "report.json"), "-o", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert png.stat().st_size > 0 and f"{updates + 1} points" in text  # the initial state + every update
+    dense = tmp_path / "dense"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--method", "dense", "--out", str(dense),
+                 *FAST]) == 0
+    assert main(["plot-itop", str(dense / "report.json"), "-o", str(png)]) == 1
+    assert "dense training run" in capsys.readouterr().err
+
+
+def test_threads_default_to_one_for_a_small_model_and_are_restored(tmp_path, capsys):
+    torch.set_num_threads(2)  # the autouse fixture restores the caller's count afterwards
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["threads"] == 1 and rep["workers"] == 0  # 50k parameters, in-memory data
+    assert "1 CPU thread(s), 0 data-loader worker(s)" in capsys.readouterr().out
+    assert torch.get_num_threads() == 2  # train() gives the caller its thread count back
+    out2 = tmp_path / "run2"
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--threads", "2", "--out", str(out2), *FAST]) == 0
+    assert json.loads((out2 / "report.json").read_text())["threads"] == 2
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--threads", "0", "--out", str(tmp_path / "r3"),
+                 *FAST]) == 1
+    assert "threads must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_default_workers_leave_a_core_for_training(monkeypatch):
+    from sparse_compile.train import loop
+
+    assert loop.default_workers("digits") == 0
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: 2)
+    assert loop.default_workers("cifar10") == 1
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: 64)
+    assert loop.default_workers("imagenet") == 4

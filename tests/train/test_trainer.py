@@ -422,3 +422,53 @@ def test_updates_stop_at_t_end():
     assert [s for s in range(1, 21) if sp.is_update_step(s)] == [2, 4, 6, 8]
     assert sp.drop_fraction(0) == pytest.approx(0.3) and sp.drop_fraction(10) == pytest.approx(0.0)
     assert sp.drop_fraction(5) == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("cls", ["RigL", "StaticSparse", "SRigL"])
+def test_every_method_takes_srigls_arguments(cls):
+    """The README's promise: the three are swapped for one another by name, SRigL's arguments included."""
+    import inspect as pyinspect
+
+    import sparse_compile
+
+    C = getattr(sparse_compile, cls)
+    assert list(pyinspect.signature(C).parameters) == list(pyinspect.signature(sparse_compile.SRigL).parameters)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    sp = C(model, None, 0.8, 50, 10, 0.3, 0.75, 0.5, "uniform", 1)  # positionally, in SRigL's order
+    assert sp.gamma_sal == 0.5 and sp.distribution == "uniform" and sp.delta_t == 10
+    with pytest.raises(ValueError, match="gamma_sal"):
+        C(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), None, 0.8, 50, gamma_sal=1.5)
+
+
+def _order_run(wrong: bool, steps: int = 30):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = SRigL(model, opt, sparsity=0.9, total_steps=steps, delta_t=5)
+    g = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters())
+    outside = 0  # the most weights outside their masks after any iteration
+    for _ in range(steps):
+        F.cross_entropy(model(torch.randn(16, 32, generator=g)), torch.randint(0, 5, (16,), generator=g)).backward()
+        if wrong:
+            sp.step()
+            opt.step()
+        else:
+            opt.step()
+            sp.step()
+        opt.zero_grad()
+        outside = max(outside, sum(int((params[k].detach()[~m] != 0).sum()) for k, m in sp.masks.items()))
+    return sp, outside
+
+
+def test_step_before_optimizer_step_is_detected_and_made_harmless():
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")  # the right order warns about nothing
+        sp, outside = _order_run(wrong=False)
+    assert sp.report().updates > 0 and outside == 0
+    with pytest.warns(UserWarning, match=r"SRigL.step\(\) was called without an optimizer.step\(\) before it \(at step 1\)") as rec:
+        sp, outside = _order_run(wrong=True)
+    assert len([r for r in rec if "optimizer.step()" in str(r.message)]) == 1  # said once, at the first step
+    assert sp.report().updates > 0 and outside == 0  # every weight still inside its mask
