@@ -43,6 +43,12 @@ class StaticSparse(SparseTrainer):
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
 
+    def _mask_problem(self, layer, mask):
+        k = layer.budget // layer.out
+        if not bool((_row_nnz(mask) == k).all()):
+            return f"does not have {k} live weights in every neuron (StaticSparse never changes its masks)"
+        return None
+
 
 class RigL(SparseTrainer):
     """RigL (Evci et al. 2020): unstructured masks; prune by |w|, regrow by |dense grad|, layer-wide.
@@ -55,6 +61,12 @@ class RigL(SparseTrainer):
 
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         return random_mask(layer.param.shape, layer.budget)
+
+    def _mask_problem(self, layer, mask):
+        n = _nnz(mask)
+        if n > layer.budget:
+            return super()._mask_problem(layer, mask)
+        return None if n == layer.budget else f"has {n} live weights; RigL keeps exactly the budget, {layer.budget}"
 
     def _new_mask(self, layer, w2, m2, g2, alpha_t):
         n_prune = int(alpha_t * _nnz(m2))
@@ -81,6 +93,22 @@ class SRigL(SparseTrainer):
 
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
+
+    def _mask_problem(self, layer, mask):
+        problem = super()._mask_problem(layer, mask)
+        if problem:
+            return problem
+        fan = _row_nnz(mask)
+        act = fan[fan > 0]
+        if act.numel() == 0:
+            return "has no live weight"
+        if layer.target.head and act.numel() < layer.out:
+            return f"ablates {layer.out - act.numel()} neuron(s) of an output layer (never ablated)"
+        k = layer.budget // act.numel()
+        if not bool((act == k).all()):
+            return (f"has fan-in {int(act.min())}-{int(act.max())} over its {act.numel()} active neurons; SRigL's "
+                    f"is constant, budget // active = {k}")
+        return None
 
     def _new_mask(self, layer, w2, m2, g2, alpha_t):
         out, fan = m2.shape
