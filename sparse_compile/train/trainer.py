@@ -345,13 +345,14 @@ class SparseTrainer:
             self._acc_steps = 0
             self.apply_masks()
             return
-        new_masks = []
-        for layer in layers:
+        self._fresh = {}  # layer name -> its new mask, as soon as decided (a rule may read a consumer's)
+        for layer in self._update_order(layers):
             g = layer.dense_grad.div_(n_acc)
             w2 = layer.param.detach().reshape(layer.out, -1).float()
             m2 = layer.mask.reshape(layer.out, -1)
             new = self._new_mask(layer, w2, m2, g.reshape(layer.out, -1).to(w2.device), alpha_t)
-            new_masks.append(new.reshape(layer.mask.shape))
+            self._fresh[layer.name] = new.reshape(layer.mask.shape)
+        new_masks = [self._fresh.pop(layer.name) for layer in layers]
         if world > 1 and layers:
             new_masks = masks_from_rank0(new_masks)
         for layer, new in zip(layers, new_masks):
@@ -365,6 +366,10 @@ class SparseTrainer:
 
     def _new_mask(self, layer: _Layer, w2, m2, g2, alpha_t: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def _update_order(self, layers: list) -> list:
+        """Order in which an update decides the layers' new masks (execution order by default)."""
+        return layers
 
     def _apply_new_mask(self, layer: _Layer, new: torch.Tensor) -> None:
         old = layer.mask
