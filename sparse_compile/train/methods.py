@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from . import budget_rules
 from .budgets import random_constant_fan_in_mask, random_mask
 from .trainer import SparseTrainer, _check_frac, _Layer, _nnz, _row_nnz
 
@@ -56,6 +57,12 @@ class StaticSparse(_SameArguments):
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
 
+    def _mask_problem(self, layer, mask):
+        k = layer.budget // layer.out
+        if not bool((_row_nnz(mask) == k).all()):
+            return f"does not have {k} live weights in every neuron (StaticSparse never changes its masks)"
+        return None
+
 
 class RigL(_SameArguments):
     """RigL (Evci et al. 2020): unstructured masks; prune by |w|, regrow by |dense grad|, layer-wide.
@@ -70,6 +77,12 @@ class RigL(_SameArguments):
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         return random_mask(layer.param.shape, layer.budget)
 
+    def _mask_problem(self, layer, mask):
+        n = _nnz(mask)
+        if n > layer.budget:
+            return super()._mask_problem(layer, mask)
+        return None if n == layer.budget else f"has {n} live weights; RigL keeps exactly the budget, {layer.budget}"
+
     def _new_mask(self, layer, w2, m2, g2, alpha_t):
         n_prune = int(alpha_t * _nnz(m2))
         keep = _drop_smallest(w2.abs(), m2, n_prune)
@@ -83,12 +96,71 @@ class SRigL(_SameArguments):
     ``max(1, floor(gamma_sal * k))`` salient weights (kept by magnitude or among the layer's regrowth
     candidates) is ablated and its budget goes to the other neurons. ``gamma_sal=0`` disables
     ablation. The output layer(s) are never ablated.
+
+    Two opt-in rules beyond the paper stop the budget from being wasted at high sparsity (both off by
+    default, so ``SRigL(...)`` is the paper's method; see :mod:`sparse_compile.train.budget_rules`):
+
+    * ``ablate_dead_ends=True``: a neuron none of whose outputs is read by a live weight of the sparse
+      layer(s) that consume it (after their own update at this step) is not salient: it is ablated.
+      Consumers are found in the FX graph (through activations, BatchNorm, pooling, flatten) once, at
+      the first forward, which also runs the model once in eval mode under ``no_grad`` to learn the
+      shapes. A layer whose output also reaches anything else (a residual add, the output, a dense
+      layer) is not judged. Needs an FX-traceable model.
+    * ``skip_zero_grad=True``: a position whose dense gradient is exactly 0 is never regrown (such a
+      weight would never move); a neuron that cannot fill its fan-in ``k`` with kept weights and
+      non-zero-gradient positions is ablated, repeatedly as ``k`` grows. The output layer(s), and
+      neurons kept by the dense-fan-in safeguard, still regrow zero-gradient positions if they must.
+
+    Freed budget goes to the remaining neurons as with the paper's ablation: constant fan-in
+    ``k = budget // active`` among active neurons, the same budget, the output layer(s) never ablated.
     """
 
     method = "SRigL"
 
+    def __init__(self, model, optimizer, sparsity=0.9, total_steps=None, delta_t=100, alpha=0.3, t_end=0.75,
+                 gamma_sal: float = 0.3, distribution="erk", grad_accumulation=1, *,
+                 ablate_dead_ends: bool = False, skip_zero_grad: bool = False, **kw):
+        for name, v in (("ablate_dead_ends", ablate_dead_ends), ("skip_zero_grad", skip_zero_grad)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be True or False, got {v!r}")
+        self.ablate_dead_ends = ablate_dead_ends
+        self.skip_zero_grad = skip_zero_grad
+        self._edges: dict = {}
+        self._edge_hook = None
+        super().__init__(model, optimizer, sparsity, total_steps, delta_t, alpha, t_end, gamma_sal, distribution,
+                         grad_accumulation, **kw)
+        if ablate_dead_ends:
+            budget_rules.install_edge_tracing(self, kw.get("leaf_modules", ()))
+
+    def remove(self) -> None:
+        """Stop managing the model (see :meth:`SparseTrainer.remove`)."""
+        if self._edge_hook is not None:
+            self._edge_hook.remove()
+            self._edge_hook = None
+        super().remove()
+
+    def _update_order(self, layers):
+        # Consumers first: the dead-end rule reads a consumer's new mask.
+        return layers[::-1] if self.ablate_dead_ends else layers
+
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         return random_constant_fan_in_mask(layer.param.shape, layer.budget // layer.out)
+
+    def _mask_problem(self, layer, mask):
+        problem = super()._mask_problem(layer, mask)
+        if problem:
+            return problem
+        fan = _row_nnz(mask)
+        act = fan[fan > 0]
+        if act.numel() == 0:
+            return "has no live weight"
+        if layer.target.head and act.numel() < layer.out:
+            return f"ablates {layer.out - act.numel()} neuron(s) of an output layer (never ablated)"
+        k = layer.budget // act.numel()
+        if not bool((act == k).all()):
+            return (f"has fan-in {int(act.min())}-{int(act.max())} over its {act.numel()} active neurons; SRigL's "
+                    f"is constant, budget // active = {k}")
+        return None
 
     def _new_mask(self, layer, w2, m2, g2, alpha_t):
         out, fan = m2.shape
@@ -99,17 +171,27 @@ class SRigL(_SameArguments):
         ag = g2.abs().float()
         keep = _drop_smallest(aw, m2, n_prune)
         grow = _top_mask(torch.where(keep, -1.0, ag), n_prune)
+        if self.skip_zero_grad:
+            grow &= ag > 0
 
         active = torch.ones(out, dtype=torch.bool, device=m2.device)
-        if self.gamma_sal > 0 and not layer.target.head:
+        dead = budget_rules.layer_dead_ends(self, layer) if self.ablate_dead_ends else None
+        if (self.gamma_sal > 0 or dead is not None) and not layer.target.head:
             salient = _row_nnz(keep | grow)
-            active = salient >= max(1, math.floor(self.gamma_sal * k_now))
+            if self.gamma_sal > 0:
+                active = salient >= max(1, math.floor(self.gamma_sal * k_now))
+            prio = salient
+            if dead is not None:
+                active &= ~dead
+                prio = salient + (~dead) * (fan + 1)  # bring back dead ends last
             # Never ablate so many neurons that the fan-in would exceed the dense fan-in: bring back
             # the most salient ablated ones (lowest index first among ties).
             need = -(-layer.budget // fan) - _nnz(active)
             if need > 0:
-                order = torch.sort(torch.where(active, -1, salient), descending=True, stable=True).indices
+                order = torch.sort(torch.where(active, -1, prio), descending=True, stable=True).indices
                 active[order[:need]] = True
+        if self.skip_zero_grad and not layer.target.head:
+            active = budget_rules.ablate_unfillable(active, keep, ag, layer.budget, -(-layer.budget // fan))
         all_rows = _nnz(active) == out
         rows = torch.nonzero(active).flatten()
         k = layer.budget // rows.numel()

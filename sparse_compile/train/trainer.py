@@ -40,6 +40,7 @@ from .budgets import DISTRIBUTIONS, fan_in_dense, layer_budgets, layer_densities
 from .discovery import Discovery, Target, discover
 from .distributed import masks_from_rank0, sum_over_ranks_, world_size
 from .report import LayerStats, SparsityReport
+from .state_checks import validate_state
 
 
 __all__ = ["SparseTrainer", "SparsityReport", "LayerStats"]
@@ -77,6 +78,12 @@ class _Layer:
     def mask(self) -> torch.Tensor:
         # Looked up each time: model.to(device) replaces buffer objects.
         return getattr(self.target.module, self.mask_name)
+
+
+def _zero_outside(t: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set ``t`` to 0 outside ``mask`` in place, by selection: ``t * mask`` would turn an inf or NaN at a
+    masked position into NaN (inf * 0), which then leaks into the model's output."""
+    t.masked_fill_(~mask, 0)
 
 
 def _nnz(mask: torch.Tensor) -> int:
@@ -181,6 +188,12 @@ class SparseTrainer:
                     f"(a model keeps its masks after .remove()) or torch.nn.utils.prune; delete it "
                     f"(del module.{t.param_name}_mask, or prune.remove) to start over"
                 )
+        for t in disc.targets:
+            if not t.param.requires_grad:
+                raise ValueError(
+                    f"layer {t.name!r}: its {t.param_name!r} does not require grad (frozen), so its dense "
+                    f"gradient cannot be observed; unfreeze it or leave it out (exclude={[t.name]!r})"
+                )
         self._shapes = {t.name: tuple(t.param.shape) for t in disc.targets}
         self._densities = layer_densities(
             self._shapes, self.sparsity_target, distribution, dense=[t.name for t in disc.targets if t.dense]
@@ -204,13 +217,12 @@ class SparseTrainer:
                 if init:
                     sparse_init_(p, mask)
                 else:
-                    p.mul_(mask)
+                    _zero_outside(p, mask)
                 self._layers.append(layer)
         self._step = 0
         self._updates = 0
         self._acc_steps = 0
         self._history: list = []
-        self._warned_nonfinite = False
         self._accumulating = self.dynamic and self._in_window(1)
         self._hooks_on = False
         self._install_hooks()
@@ -265,7 +277,7 @@ class SparseTrainer:
     def _mask_grad_hook(self, layer: _Layer):
         def hook(p: torch.Tensor):
             if p.grad is not None:
-                p.grad.mul_(layer.mask)
+                _zero_outside(p.grad, layer.mask)
 
         return hook
 
@@ -302,6 +314,13 @@ class SparseTrainer:
     def _initial_mask(self, layer: _Layer) -> torch.Tensor:
         raise NotImplementedError
 
+    def _mask_problem(self, layer: _Layer, mask: torch.Tensor) -> Optional[str]:
+        """Why ``mask`` (e.g. from a checkpoint) cannot be this method's mask of ``layer``, or None."""
+        n = _nnz(mask)
+        if n > layer.budget:
+            return f"has {n} live weights, over the layer's budget of {layer.budget}"
+        return None
+
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """Parameter name (as in ``model.named_parameters()``) -> its bool mask buffer."""
@@ -311,7 +330,7 @@ class SparseTrainer:
     def apply_masks(self) -> None:
         """Zero every weight outside its mask (in place)."""
         for layer in self._layers:
-            layer.param.mul_(layer.mask)
+            _zero_outside(layer.param, layer.mask)
 
     # ----------------------------------------------------------------------------------- step
     def step(self) -> None:
@@ -343,19 +362,25 @@ class SparseTrainer:
         if world > 1 and layers:
             sum_over_ranks_([layer.dense_grad for layer in layers])
             n_acc *= world
-        new_masks = []
-        for layer in layers:
+        bad = [layer.name for layer in layers if not torch.isfinite(layer.dense_grad.sum())]  # any inf/nan
+        if bad:
+            # Regrowth ranks positions by |gradient|: with inf/NaN in it the ranking is meaningless, so
+            # the topology stays as it is (every rank sees the same all-reduced gradient and skips too).
+            warnings.warn(f"{self.method}: skipped the topology update at step {step}: the dense gradient is "
+                          f"not finite (inf or NaN) in layer(s) {bad}; masks unchanged", stacklevel=3)
+            for layer in self._layers:
+                layer.dense_grad = None
+            self._acc_steps = 0
+            self.apply_masks()
+            return
+        self._fresh = {}  # layer name -> its new mask, as soon as decided (a rule may read a consumer's)
+        for layer in self._update_order(layers):
             g = layer.dense_grad.div_(n_acc)
-            if not torch.isfinite(g.sum()):  # one reduction; any inf/nan makes the sum non-finite
-                if not self._warned_nonfinite:
-                    warnings.warn(f"{self.method}: non-finite dense gradients at step {step} (e.g. layer "
-                                  f"{layer.name!r}); they are treated as 0 for regrowth", stacklevel=3)
-                    self._warned_nonfinite = True
-                g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
             w2 = layer.param.detach().reshape(layer.out, -1).float()
             m2 = layer.mask.reshape(layer.out, -1)
             new = self._new_mask(layer, w2, m2, g.reshape(layer.out, -1).to(w2.device), alpha_t)
-            new_masks.append(new.reshape(layer.mask.shape))
+            self._fresh[layer.name] = new.reshape(layer.mask.shape)
+        new_masks = [self._fresh.pop(layer.name) for layer in layers]
         if world > 1 and layers:
             new_masks = masks_from_rank0(new_masks)
         for layer, new in zip(layers, new_masks):
@@ -370,6 +395,10 @@ class SparseTrainer:
     def _new_mask(self, layer: _Layer, w2, m2, g2, alpha_t: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def _update_order(self, layers: list) -> list:
+        """Order in which an update decides the layers' new masks (execution order by default)."""
+        return layers
+
     def _apply_new_mask(self, layer: _Layer, new: torch.Tensor) -> None:
         old = layer.mask
         survive = old & new
@@ -378,11 +407,11 @@ class SparseTrainer:
         p = layer.param
         # Pruned weights go to 0; grown ones start at 0 (they were 0); a weight dropped and regrown
         # in the same update keeps its value and its optimizer state.
-        p.mul_(survive)
+        _zero_outside(p, survive)
         if self.optimizer is not None:
             for v in self.optimizer.state.get(p, {}).values():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                    v.mul_(survive)
+                    _zero_outside(v, survive)
         old.copy_(new)
         layer.ever = layer.ever.to(new.device)
         layer.ever |= new
@@ -475,26 +504,7 @@ class SparseTrainer:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output. Checks everything before changing anything."""
-        if not isinstance(state, dict) or "layers" not in state or "step" not in state:
-            raise ValueError(f"{self.method}.load_state_dict: not a sparsifier state dict")
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"{self.method}.load_state_dict: unsupported state version {state.get('version')!r}")
-        if state.get("method") != self.method:
-            raise ValueError(f"{self.method}.load_state_dict: state was saved by {state.get('method')!r}")
-        saved, mine = set(state["layers"]), {layer.name for layer in self._layers}
-        if saved != mine:
-            raise ValueError(
-                f"{self.method}.load_state_dict: layers differ; missing {sorted(mine - saved)}, "
-                f"unexpected {sorted(saved - mine)}"
-            )
-        for layer in self._layers:
-            s = state["layers"][layer.name]
-            if tuple(s["mask"].shape) != tuple(layer.mask.shape) or s["mask"].dtype != torch.bool:
-                raise ValueError(f"layer {layer.name!r}: saved mask {tuple(s['mask'].shape)} {s['mask'].dtype} does "
-                                 f"not match {tuple(layer.mask.shape)} bool")
-            if int(s["budget"]) != layer.budget:
-                raise ValueError(f"layer {layer.name!r}: saved budget {s['budget']} != {layer.budget} (different "
-                                 f"sparsity or distribution?)")
+        validate_state(self, state, _STATE_VERSION)
         for layer in self._layers:
             s = state["layers"][layer.name]
             dev = layer.mask.device
