@@ -63,6 +63,9 @@ METHODS = {
     "rigl": ("RigL", _make("RigL")),
     "srigl": ("SRigL (no ablation)", _make("SRigL", gamma_sal=0.0)),
     "srigl_abl": ("SRigL (ablation, γ_sal 0.3)", _make("SRigL", gamma_sal=0.3)),
+    # Beyond the paper (issue 19): dead-end neurons ablated, no zero-gradient regrowth.
+    "srigl_full": ("SRigL + dead ends + no zero-grad regrowth",
+                   _make("SRigL", gamma_sal=0.3, ablate_dead_ends=True, skip_zero_grad=True)),
 }
 
 
