@@ -193,13 +193,13 @@ def test_accuracy_bench_grid_and_report(tmp_path, monkeypatch):
     x[torch.arange(1280), 0, y, y] += 3.0  # a learnable pixel per class
     ds = torch.utils.data.TensorDataset(x, y)
     cells = acc.grid("mnist", list(acc.METHODS), [0.9, 0.99], [0, 1])
-    assert cells[0] == ("dense", 0.0, 0) and len(cells) == 2 * (1 + 2 * 4)
+    assert cells[0] == ("dense", 0.0, 0) and len(cells) == 2 * (1 + 2 * (len(acc.METHODS) - 1))
     recs = [acc.run_one("mnist", m, s, seed, 2, (ds, ds), tmp_path / "models" if m == "srigl_abl" else None)
             for m, s, seed in cells if (s in (0.0, 0.99) and seed == 0) or (m == "srigl_abl" and s == 0.99)]
     by = {(r["method"], r["sparsity"]): r for r in recs if r["seed"] == 0}
     assert by[("dense", 0.0)]["test_accuracy"] > 0.5
-    assert len(recs) == 6
-    for m in ("static", "rigl", "srigl", "srigl_abl"):
+    assert len(recs) == len(acc.METHODS) + 1
+    for m in ("static", "rigl", "srigl", "srigl_abl", "srigl_full"):
         assert abs(by[(m, 0.99)]["final_sparsity"] - 0.99) < 0.005
     srigl = by[("srigl", 0.99)]
     assert all(l["active"] == l["out"] for l in srigl["layers"])  # gamma_sal 0: nothing ablated
