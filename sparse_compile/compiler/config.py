@@ -39,6 +39,9 @@ class OptimizeConfig:
                      narrower output costs the next layer, or a scatter's memory traffic).
     leaf_modules:    extra module types FX must not trace into.
     requires_grad:   whether the new parameters require grad (for fine-tuning the optimized model).
+    strict:          with ``example_inputs``, raise when the rewritten model differs from the original.
+                     By default the layers at fault are found (bisection over the per-layer
+                     decisions), kept as they were and named in a warning; the rest is optimized.
     """
 
     mode: Union[str, dict] = "auto"
@@ -58,6 +61,7 @@ class OptimizeConfig:
     whole_model_check: bool = True
     leaf_modules: tuple = ()
     requires_grad: bool = False
+    strict: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
