@@ -225,6 +225,9 @@ def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool, k
     for s in slots:
         if s.in_leaf and s.form != "dense":
             s.reason += f"; swapped in place inside {s.in_leaf} (FX does not trace into it)"
+        if s.form == "condensed" and s.kind == "conv2d" and s.module.groups == s.module.in_channels > 1:
+            s.reason += ("; depthwise: condensed as asked, but dense is often faster at fan-in 1-2 "
+                         "(bench/grouped_conv.py); mode 'auto' measures it")
 
     if traced:
         gm.graph.lint()
@@ -242,7 +245,7 @@ def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool, k
         if verify_err != verify_err:
             verify_err = float("inf")
     report = OptimizeReport(
-        [_layer_report(s) for s in slots],
+        [_layer_report(s, cfg) for s in slots],
         mode=cfg.mode, restores=restores, notes=notes, verify_rel_err=verify_err, traced=traced,
         cache={"dir": str(cache.path.parent), "hits": cache.hits, "misses": cache.misses} if uses_auto else None,
     )

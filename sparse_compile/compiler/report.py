@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .coverage import classify, coverage
 from .modules import module_nbytes
 from .plan import LayerPlan
 from .rewrite import _placed
@@ -32,6 +33,8 @@ class LayerReport:
     rel_err: Optional[float]
     bytes_before: int
     bytes_after: int
+    nnz: int = 0  # live weights; coverage: see sparse_compile.compiler.coverage.classify
+    coverage: str = ""
 
 
 class OptimizeReport(list):
@@ -115,6 +118,7 @@ class OptimizeReport(list):
             f"{self.bytes_after / 2**20:.2f} MiB; mode {self.mode!r}"
             + ("" if self.traced else "; NOT traced (modules swapped in place)")
         )
+        lines.append(coverage(self).line())
         if self.verify_rel_err is not None:
             lines.append(f"checked against the original on the example inputs: max relative error "
                          f"{self.verify_rel_err:.2e}")
@@ -129,7 +133,7 @@ class OptimizeReport(list):
     __repr__ = __str__
 
 
-def _layer_report(s: LayerPlan) -> LayerReport:
+def _layer_report(s: LayerPlan, cfg=None) -> LayerReport:
     info = s.info
     m = s.module
     before = m.weight.numel() * m.weight.element_size() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
@@ -151,4 +155,5 @@ def _layer_report(s: LayerPlan) -> LayerReport:
         name=s.name, kind=s.kind, shape=tuple(m.weight.shape), sparsity=round(info.sparsity, 6), fan_in=fan,
         active=info.n_active, ablated=info.n_ablated, inputs_kept=f"{kept_in}/{total_in}", form=s.form,
         output=output, reason=s.reason, times_us=times, rel_err=s.rel_err, bytes_before=before, bytes_after=after,
+        nnz=info.nnz, coverage=classify(s, cfg) if cfg is not None else "",
     )
