@@ -29,6 +29,8 @@ def classify(slot, cfg) -> str:
             return "kept: forward hooks"
         if "bisection" in r:
             return "kept: rewriting changed the output"
+        if "reads its weight / bias directly" in r:
+            return "kept: its weight is read directly (by the graph or its parent's forward)"
         if "inside" in r:
             return "kept: inside a torch.nn module that reads its weight"
         return "kept: not called as a module"

@@ -47,12 +47,34 @@ def refresh_pruned(m: nn.Module) -> None:
             h(m, None)
 
 
+def reads_child_tensors(parent: nn.Module, child: str) -> bool:
+    """Whether ``parent``'s ``forward`` source mentions ``self.<child>.weight`` / ``.bias`` (e.g.
+    timm's PositionalEncodingFourier reads its projection's ``weight.dtype``): a replacement
+    without that attribute, or with another shape, would break it. Conservative: no source, no."""
+    import inspect
+
+    try:
+        src = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return False
+    return f".{child}.weight" in src or f".{child}.bias" in src
+
+
+#: Linear / Conv2d subclasses whose forward is, in eager mode, exactly their base class's.
+_SAME_FORWARD = {
+    "timm.layers.linear.Linear",  # casts the weight to the input dtype only under TorchScript
+}
+
+
 def not_understood(m: nn.Module) -> Optional[str]:
     """Why the compiler must keep Linear / Conv2d ``m`` as it is (None: its function is exactly
     ``F.linear`` / ``F.conv2d`` of its ``weight`` and ``bias``, so it may be rewritten)."""
     hooks = _hooks(m)
     if hooks:
         return f"it has {len(hooks)} forward hook(s) / pre-hook(s) that a replacement would drop"
+    t = type(m)
+    if f"{t.__module__}.{t.__qualname__}" in _SAME_FORWARD and "forward" in vars(t):
+        return None
     if isinstance(m, nn.Linear):
         if type(m).forward is not nn.Linear.forward:
             return f"{type(m).__name__} overrides nn.Linear.forward"

@@ -184,12 +184,15 @@ def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list
                 continue
             set_submodule(gm, name, ExplicitMultiheadAttention.from_module(m))
     called: set = set()
+    read: set = set()  # modules whose parameters the graph reads directly (get_attr)
     if traced:
         counts: dict = {}
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 counts[n.target] = counts.get(n.target, 0) + 1
                 called.add(str(n.target))
+            elif n.op == "get_attr":
+                read.add(str(n.target).rpartition(".")[0])
         for n in tracing.sparse_module_nodes(gm):
             if n.target in done and counts[n.target] > 1:
                 continue
@@ -215,8 +218,12 @@ def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list
             slot.keep_reason = f"inside {type(parent).__name__}, which may read its weight directly"
         elif leaf is not None and not isinstance(parents[leaf], ExplicitMultiheadAttention):
             slot.in_leaf = type(parents[leaf]).__name__
+            if exact.reads_child_tensors(parent, name.rpartition(".")[2]):
+                slot.keep_reason = f"inside {type(parent).__name__}, whose forward reads its weight / bias directly"
         slots.append(slot)
     for s in slots:
+        if s.name in read and not s.keep_reason:
+            s.keep_reason = "the traced graph reads its weight / bias directly"
         exact.refresh_pruned(s.module)
         why = s.keep_reason or exact.not_understood(s.module)
         if not why and s.name in keep:
