@@ -131,20 +131,23 @@ def optimize(
     # would override those choices.
     check = cfg.mode == "auto" and cfg.whole_model_check and inputs is not None
     original = copy.deepcopy(work) if check else None  # the build below rewrites `work`'s modules
-    gm = _build_verified(work, cfg, inputs, dev, uses_auto)
+    gm = _build_verified(work, cfg, inputs, dev, uses_auto, fresh=lambda: copy.deepcopy(model).eval().to(dev))
     if check:
         gm = _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto)
     return gm
 
 
-def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_level=4):
+def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_level=4, fresh=None):
     """:func:`_build`; with example inputs, layers whose rewrite changes the output are found and
-    kept as they were (or, with ``cfg.strict``, an error is raised); see :mod:`.exact`."""
+    kept as they were (or, with ``cfg.strict``, an error is raised); see :mod:`.exact`.
+    ``fresh()`` makes another copy like ``work`` for the bisection's rebuilds."""
     if inputs is None or not cfg.verify:
         return _build(work, cfg, inputs, dev, uses_auto, keep=keep)
     with torch.no_grad():
         reference = work(*inputs)
-    pristine = copy.deepcopy(work)
+    if fresh is None:
+        pristine = copy.deepcopy(work)
+        fresh = lambda: copy.deepcopy(pristine)  # noqa: E731
     tol = cfg.verify_rtol if cfg.verify_rtol is not None else _default_rtol(_model_dtype(work), layer=False)
     first = [True]
 
@@ -154,7 +157,7 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
             return _build(work, cfg, inputs, dev, uses_auto, keep=keep | more, reference=reference)
         with warnings.catch_warnings():  # the first build warned already
             warnings.simplefilter("ignore")
-            return _build(copy.deepcopy(pristine), cfg, inputs, dev, uses_auto, keep=keep | more,
+            return _build(fresh(), cfg, inputs, dev, uses_auto, keep=keep | more,
                           reference=reference)
 
     def ok(gm):

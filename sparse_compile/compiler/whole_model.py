@@ -90,4 +90,5 @@ def _quiet_build(model, cfg, inputs, dev, uses_auto, keep=frozenset()):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _build_verified(copy.deepcopy(model).eval().to(dev), cfg, inputs, dev, uses_auto, keep)
+        return _build_verified(copy.deepcopy(model).eval().to(dev), cfg, inputs, dev, uses_auto, keep,
+                               fresh=lambda: copy.deepcopy(model).eval().to(dev))

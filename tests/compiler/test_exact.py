@@ -82,14 +82,43 @@ def test_pruned_layers_are_understood():
 
 
 class ReadsWeight(nn.Module):
-    """A block that calls its layer and also reads its weight (so no replacement can serve)."""
+    """A block that calls its layer and also reads its weight (so no replacement can serve), in a
+    way the source check cannot see."""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(64, 64)
 
     def forward(self, x):
+        return self.fc(x) + getattr(self, "fc").weight.sum(0)
+
+
+class ReadsWeightVisibly(ReadsWeight):
+    def forward(self, x):
         return self.fc(x) + self.fc.weight.sum(0)
+
+
+def test_layer_whose_weight_its_leaf_parent_reads_is_kept_without_inputs():
+    model = random_srigl(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), ReadsWeightVisibly(), nn.Linear(64, 10)))
+    opt = optimize(model, mode="condensed", leaf_modules=(ReadsWeightVisibly,))
+    x = torch.randn(4, 32)
+    assert _err(model, opt, x) <= 1e-5
+    assert opt.sparse_compile_report.forms()["2.fc"] == "dense"
+    assert "reads its weight / bias directly" in _reasons(opt)["2.fc"]
+
+
+def test_batchnorm_act_is_not_mistaken_for_batchnorm():
+    from timm.layers import BatchNormAct2d
+
+    # Ablated channels of the first conv would be folded through the BatchNorm as if it were plain;
+    # BatchNormAct2d also applies an activation. No example inputs: nothing would catch it.
+    model = random_srigl(nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), BatchNormAct2d(64, act_layer=nn.Hardswish),
+                                       nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(64 * 36, 10)))
+    x = torch.randn(2, 16, 6, 6)
+    for mode in ("ablated_dense", "condensed"):
+        opt = optimize(model, mode=mode)
+        assert _err(model, opt, x) <= 1e-5, mode
 
 
 def _faulty_model():
