@@ -21,7 +21,11 @@ The pass (FX):
    whose removal no consumer can absorb keeps its full width instead;
 4. each layer gets its form: the mode's, or in ``"auto"`` the fastest exact one, measured on the
    target device with the shapes of ``example_inputs`` (cached, see :mod:`sparse_compile.compiler.cache`);
-5. the result is checked against the original on ``example_inputs``.
+5. the result is checked against the original on ``example_inputs``; layers whose rewrite changes
+   it are found by bisection and kept as they were, with a warning (``strict=True`` raises).
+
+Only layers whose function is known exactly are rewritten (plain Linear / Conv2d, grouped convs,
+no hooks; see :mod:`sparse_compile.compiler.exact`); the others are kept, with the reason in the report.
 
 The returned ``GraphModule`` carries the report as ``opt.sparse_compile_report`` (printable table,
 ``to_dict()`` / ``to_json()``). A model FX cannot trace falls back to swapping modules in place,
