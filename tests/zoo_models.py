@@ -126,10 +126,6 @@ LOW_COVERAGE = {"test_nfnet": "weight-standardised convs", "resnetv2_bit_tiny": 
                 "test_efficientnet_same": "Conv2dSame (padding computed in forward) is kept as it is"}
 
 
-#: The slowest entries (over half of the zoo's time on two cores): marked ``slow`` in the test.
-SLOW = {"rexnet_050", "ghostnet_050", "efficientformer_tiny"}
-
-
 def build(name: str, seed: int = 0):
     """(model with SRigL-like random sparse weights, example input) for zoo entry ``name``."""
     from sparse_models import random_srigl

@@ -11,7 +11,7 @@ from sparse_compile.compiler import optimize, relative_error
 from sparse_compile.compiler.coverage import coverage
 
 pytest.importorskip("timm", reason="the zoo is timm's architectures")
-from zoo_models import LOW_COVERAGE, SLOW, ZOO, build  # noqa: E402
+from zoo_models import LOW_COVERAGE, ZOO, build  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -20,11 +20,11 @@ def _cache_in_tmp(tmp_path, monkeypatch):
 
 
 def test_zoo_is_broad():
-    assert len(set(ZOO) - SLOW) >= 30
+    assert len(ZOO) >= 30
     assert len(set(ZOO) - set(LOW_COVERAGE)) >= 20
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ZOO])
+@pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_exact_and_covered(name):
     model, x = build(name)
     with torch.no_grad():
