@@ -109,7 +109,9 @@ def build_exact(build: Callable, ok: Callable, cfg, warn_level: int = 4):
             f"{[(r.name, r.form) for r in report]}"
         )
     rewritten = [r.name for r in report if r.form != "dense"]
-    everything = build(frozenset(rewritten))
+    # Every layer, not only those rewritten now: "auto" may rewrite another one in a later build.
+    every_layer = frozenset(r.name for r in report)
+    everything = build(every_layer)
     if not ok(everything):
         raise RuntimeError(
             "sparse_compile.optimize: the model differs from the original on the example inputs even with every "
@@ -139,10 +141,12 @@ def build_exact(build: Callable, ok: Callable, cfg, warn_level: int = 4):
         builds += 1
         if ok(gm) or not remaining:
             break
-    if not ok(gm):  # defensive: the bisection assumes culprits act alone; keep everything then
-        keep |= set(rewritten)
+    if not ok(gm):  # the bisection assumes culprits act alone (and "auto" decides alike each time)
+        keep |= set(every_layer)
         gm = build(frozenset(keep))
-    names = [n for n in rewritten if n in keep]
+        if not ok(gm):
+            raise RuntimeError("sparse_compile.optimize: the model differs from the original with every layer kept")
+    names = [r.name for r in report if r.name in keep]
     msg = (f"sparse_compile.optimize: {len(names)} layer(s) kept as they were because rewriting them changed "
            f"the model's output on the example inputs: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}; "
            "the rest is optimized (pass strict=True to raise instead)")
