@@ -24,20 +24,26 @@ class Tracer(fx.Tracer):
     ``call_module`` node that a pass can rewrite.
     """
 
-    def __init__(self, leaf_modules: Iterable[type] = ()):
+    def __init__(self, leaf_modules: Iterable[type] = (), leaf_if=None):
         mods, funcs = _timm_notrace()
         super().__init__(autowrap_functions=funcs)
         self._leaf_types = tuple(mods) + tuple(leaf_modules)
+        self._leaf_if = leaf_if
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
+        if self._leaf_if is not None and self._leaf_if(m):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model`` into a ``GraphModule`` (raises what FX raises when it cannot)."""
-    tracer = Tracer(leaf_modules)
+def trace(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_if=None) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a ``GraphModule`` (raises what FX raises when it cannot).
+
+    ``leaf_if(module)``: True for further modules FX must call rather than trace into.
+    """
+    tracer = Tracer(leaf_modules, leaf_if)
     graph = tracer.trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
     return fx.GraphModule(tracer.root, graph, name)

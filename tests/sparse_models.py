@@ -32,3 +32,37 @@ def srigl_init(model, sparsity=0.9, ablate=0.1, seed=0):
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.2)
     return model.eval()
+
+
+def random_srigl(model, sparsity=0.9, ablate=0.1, seed=0, min_fan_in=2):
+    """Random weights as a trained SRigL model has them, without training: every Linear / Conv2d
+    (any subclass, grouped convs per group) gets ``sparse_compile.benchmark.weights.random_layer``'s
+    constant fan-in mask at ``sparsity`` with ``ablate`` of its neurons ablated (the last Linear,
+    the head, keeps all its neurons), a random bias, and BatchNorm-like layers non-trivial
+    statistics; eval mode. Layers whose fan-in is below ``min_fan_in`` stay dense."""
+    from sparse_compile.benchmark.weights import random_layer
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, m in enumerate(model.modules()):
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                continue
+            out, fan = m.weight.shape[0], m.weight[0].numel()
+            if fan < min_fan_in or out < 2:
+                continue
+            lw = random_layer(out, fan, sparsity, ablated_fraction=0.0 if m is head else ablate,
+                              bias=m.bias is not None, seed=seed * 100003 + i)
+            m.weight.copy_(lw.weight.reshape(m.weight.shape))
+            if m.bias is not None:
+                m.bias.copy_(lw.bias)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model.eval()

@@ -86,6 +86,8 @@ def _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache) -> None:
     try:
         with torch.no_grad():
             gm(*inputs)
+    except Exception:  # noqa: BLE001 - a layer that cannot be swapped; verification finds it (exact.py)
+        pass
     finally:
         for h in hooks:
             h.remove()

@@ -48,6 +48,9 @@ class OptimizeConfig:
                      torch's kernels for it; the returned model expects inputs in that dtype. Its
                      error against the model in its own dtype on ``example_inputs`` is reported as
                      ``report.error_vs_original_dtype``.
+    strict:          with ``example_inputs``, raise when the rewritten model differs from the original.
+                     By default the layers at fault are found (bisection over the per-layer
+                     decisions), kept as they were and named in a warning; the rest is optimized.
     """
 
     mode: Union[str, dict] = "auto"
@@ -68,6 +71,7 @@ class OptimizeConfig:
     leaf_modules: tuple = ()
     requires_grad: bool = False
     dtype: Optional[str] = None
+    strict: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self):

@@ -54,8 +54,6 @@ def _sparse_common(slot, cfg) -> Optional[str]:
         return f"too small ({slot.info.numel} weights < min_numel {cfg.min_numel})"
     m = slot.module
     if isinstance(m, nn.Conv2d):
-        if m.groups != 1:
-            return f"grouped conv (groups={m.groups}); the sparse kernels need groups=1"
         if m.padding_mode != "zeros":
             return f"padding_mode={m.padding_mode!r}; the sparse kernels pad with zeros"
         if _conv_padding(m) is None:
@@ -106,6 +104,18 @@ def _build_ablated_dense(slot, cfg):
     return StructuredLinear(e["weight"], e["bias"], requires_grad=rg)
 
 
+def _group_offsets(m: nn.Conv2d, rows: int) -> torch.Tensor:
+    """Per output channel, where its group's input channels start in the ``[C_in, kh, kw]`` flattening.
+
+    A grouped conv is a groups=1 conv whose weight is zero outside each output channel's group
+    block; with constant fan-in per output channel it is a condensed groups=1 conv whose local
+    index ``j`` (over ``[C_in/groups, kh, kw]``) becomes ``offset + j``.
+    """
+    per_group_out = m.out_channels // m.groups
+    block = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+    return (torch.arange(rows, device=m.weight.device) // per_group_out) * block
+
+
 def _build_condensed(slot, cfg):
     e = slot.effective("condensed")
     m = slot.module
@@ -113,7 +123,12 @@ def _build_condensed(slot, cfg):
     if c.n_active != e["weight"].shape[0]:  # _effective gives every row a live entry
         raise RuntimeError(f"layer {slot.name!r}: condensed form lost rows")
     if isinstance(m, nn.Conv2d):
-        return CondensedConv2d(c.values, c.indices, c.bias, e["weight"].shape[1], m.kernel_size, m.stride,
+        indices, in_ch = c.indices, e["weight"].shape[1]
+        if _grouped(slot):  # rows are all output channels (a grouped conv's output is never reduced)
+            in_ch = m.in_channels
+            full = formats.index_dtype_for(in_ch * m.kernel_size[0] * m.kernel_size[1])
+            indices = (indices.to(torch.int64) + _group_offsets(m, indices.shape[0])[:, None]).to(full)
+        return CondensedConv2d(c.values, indices, c.bias, in_ch, m.kernel_size, m.stride,
                                _conv_padding(m), m.dilation, requires_grad=cfg.requires_grad)
     return CondensedLinear(c.values, c.indices, c.bias, e["weight"].shape[1], requires_grad=cfg.requires_grad)
 
@@ -123,7 +138,15 @@ def _build_csr(slot, cfg):
     m = slot.module
     csr = formats.to_csr(e["weight"], e["live"], active_only=False, name=slot.name).csr
     if isinstance(m, nn.Conv2d):
-        return CSRConv2d(csr, e["bias"], e["weight"].shape[1], m.kernel_size, m.stride, _conv_padding(m), m.dilation)
+        in_ch = e["weight"].shape[1]
+        if _grouped(slot):  # as in _build_condensed: columns move to the group's block
+            in_ch = m.in_channels
+            crow, col = csr.crow_indices(), csr.col_indices()
+            col = col + torch.repeat_interleave(_group_offsets(m, crow.numel() - 1).to(col.dtype), crow.diff())
+            csr = torch.sparse_csr_tensor(crow, col, csr.values(),
+                                          (crow.numel() - 1, in_ch * m.kernel_size[0] * m.kernel_size[1]),
+                                          check_invariants=True)
+        return CSRConv2d(csr, e["bias"], in_ch, m.kernel_size, m.stride, _conv_padding(m), m.dilation)
     return CSRLinear(csr, e["bias"])
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import formats
 from .. import fx as tracing
 from ..fx import set_submodule
+from . import exact
 from .config import OptimizeConfig, _mode_for
 from .modules import ExplicitMultiheadAttention
 from .propagate import Reduced
@@ -48,6 +49,11 @@ class LayerPlan:
     sample: Optional[Tensor] = None
     # effective layer (rows x kept input columns), built lazily by _effective(), keyed by active_only
     eff: dict = field(default_factory=dict)
+    #: Why the layer must stay exactly as it is (not a plain layer, hooks, inside a torch.nn module
+    #: that reads its weight, or at fault by the bisection); "" when it may be rewritten.
+    keep_reason: str = ""
+    #: The leaf module (FX does not trace into it) inside which this layer is swapped in place.
+    in_leaf: str = ""
 
     @property
     def kind(self) -> str:
@@ -157,14 +163,16 @@ def _grouped(slot) -> bool:
     return isinstance(slot.module, nn.Conv2d) and slot.module.groups != 1
 
 
-def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list) -> list:
-    """Every Linear / Conv2d: graph nodes, then layers inside leaf modules (MHA out-projections)."""
+def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list, keep=frozenset()) -> list:
+    """Every Linear / Conv2d of the model: graph nodes first, then layers the graph does not call
+    (inside leaf modules FX does not trace, swapped in place there; or every layer when nothing was
+    traced). Layers that must stay as they are get a ``keep_reason`` (reported, never rewritten)."""
     slots: list = []
     done: set = set()
     # nn.MultiheadAttention reads out_proj.weight directly; make it call its out_proj.
     for name, m in list(gm.named_modules()):
         if isinstance(m, nn.MultiheadAttention):
-            if _mode_for(cfg.mode, f"{name}.out_proj") == "dense":
+            if _mode_for(cfg.mode, f"{name}.out_proj") == "dense" or exact.has_hooks(m):
                 continue
             op = m.out_proj
             if formats.analyze(op.weight.detach(), formats.get_mask(op)).sparsity == 0:
@@ -175,36 +183,63 @@ def _collect_slots(gm: nn.Module, traced: bool, cfg: OptimizeConfig, notes: list
                 done.add(f"{name}.out_proj")
                 continue
             set_submodule(gm, name, ExplicitMultiheadAttention.from_module(m))
+    called: set = set()
+    read: set = set()  # modules whose parameters the graph reads directly (get_attr)
     if traced:
         counts: dict = {}
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 counts[n.target] = counts.get(n.target, 0) + 1
+                called.add(str(n.target))
+            elif n.op == "get_attr":
+                read.add(str(n.target).rpartition(".")[0])
         for n in tracing.sparse_module_nodes(gm):
             if n.target in done and counts[n.target] > 1:
                 continue
             tgt = str(n.target)
             slots.append(LayerPlan(tgt, gm.get_submodule(tgt), _installer(gm, tgt), node=n, shared=counts[n.target] > 1))
             done.add(tgt)
-    # Layers not called by the graph: inside leaf modules (our explicit attention), or every layer
-    # when nothing was traced. A layer inside another torch.nn module (e.g. TransformerEncoderLayer,
-    # whose fast path reads linear1.weight) cannot be swapped safely.
+    # Layers not called by the graph: inside leaf modules (our explicit attention, timm's no-trace
+    # blocks, modules with hooks), or every layer when nothing was traced. A layer inside another
+    # torch.nn module (e.g. TransformerEncoderLayer, whose fast path reads linear1.weight) is kept.
     seen_ids = {id(s.module) for s in slots}
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, ExplicitMultiheadAttention)
     parents = {name: m for name, m in gm.named_modules()}
     for name, m in gm.named_modules():
         if name in done or not isinstance(m, tracing.SPARSE_TYPES) or id(m) in seen_ids or not name:
             continue
-        parent = parents[name.rpartition(".")[0]]
-        if traced and not isinstance(parent, ExplicitMultiheadAttention):
-            notes.append(f"{name}: inside leaf module {type(parent).__name__} that FX does not trace; kept as is")
-            continue
-        if type(parent).__module__.startswith("torch.nn") and not isinstance(parent, containers):
-            notes.append(f"{name}: inside {type(parent).__name__}, which may read its weight directly; kept as is")
-            continue
-        slots.append(LayerPlan(name, m, _installer(gm, name)))
         seen_ids.add(id(m))
+        slot = LayerPlan(name, m, _installer(gm, name))
+        parent = parents[name.rpartition(".")[0]]
+        leaf = _leaf_ancestor(name, called) if traced else None
+        if traced and leaf is None:
+            slot.keep_reason = "not called as a module by the traced graph (its weight is read directly, or it is unused)"
+        elif type(parent).__module__.startswith("torch.nn") and not isinstance(parent, containers):
+            slot.keep_reason = f"inside {type(parent).__name__}, which may read its weight directly"
+        elif leaf is not None and not isinstance(parents[leaf], ExplicitMultiheadAttention):
+            slot.in_leaf = type(parents[leaf]).__name__
+            if exact.reads_child_tensors(parent, name.rpartition(".")[2]):
+                slot.keep_reason = f"inside {type(parent).__name__}, whose forward reads its weight / bias directly"
+        slots.append(slot)
+    for s in slots:
+        if s.name in read and not s.keep_reason:
+            s.keep_reason = "the traced graph reads its weight / bias directly"
+        exact.refresh_pruned(s.module)
+        why = s.keep_reason or exact.not_understood(s.module)
+        if not why and s.name in keep:
+            why = exact.FAULT_REASON
+        s.keep_reason = why or ""
     return slots
+
+
+def _leaf_ancestor(name: str, called: set) -> Optional[str]:
+    """The nearest ancestor of module ``name`` that the traced graph calls (a leaf), or None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        anc = ".".join(parts[:i])
+        if anc in called:
+            return anc
+    return None
 
 
 def _installer(root, target):
@@ -217,6 +252,9 @@ def _analyze_slot(s: LayerPlan, cfg: OptimizeConfig) -> None:
     mask = formats.get_mask(s.module)
     s.info = formats.analyze(w.detach(), mask, s.name)
     s.live = formats.live_mask(w.detach(), mask, s.name)
+    if s.keep_reason:
+        s.mode, s.reason = "dense", f"kept as is: {s.keep_reason}"
+        return
     if s.mode == "dense":
         return
     if s.info.n_active == 0:  # e.g. a zero-initialised head: its output is its bias, nothing to gain

@@ -334,11 +334,23 @@ def _prod(t) -> int:
     return p
 
 
+def _plain(m: nn.Module) -> bool:
+    """Whether ``m`` computes exactly what its torch.nn class does: a subclass with its own
+    ``forward`` (e.g. timm's BatchNormAct2d, which adds an activation, or AvgPool2dSame, which pads
+    in forward) or a module with forward hooks is not (the rules would misjudge it)."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    for base in type(m).__mro__:
+        if base.__module__.startswith("torch.nn.modules") and "forward" in vars(base):
+            return type(m).forward is base.forward
+    return False
+
+
 def _classify(gm, node, x: fx.Node):
     """The rule for ``node`` consuming reduced ``x``: a name, or None (needs full width)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if node.args and node.args[0] is x:
+        if node.args and node.args[0] is x and _plain(m):
             if isinstance(m, ELEMENTWISE_MODULES):
                 return "elementwise"
             if isinstance(m, _BN):

@@ -7,6 +7,7 @@ import textwrap
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .coverage import classify, coverage
 from .modules import module_nbytes
 from .plan import LayerPlan
 from .rewrite import _placed
@@ -34,6 +35,8 @@ class LayerReport:
     rel_err: Optional[float]
     bytes_before: int
     bytes_after: int
+    nnz: int = 0  # live weights; coverage: see sparse_compile.compiler.coverage.classify
+    coverage: str = ""
 
 
 def _size(n: int) -> str:
@@ -182,7 +185,7 @@ class OptimizeReport(list):
         left = {0, head.index("form")} | ({head.index("output")} if "output" in head else set())
         fmt = lambda cells: sep.join(  # noqa: E731
             (c.ljust(w[i]) if i in left else c.rjust(w[i])) for i, c in enumerate(cells)).rstrip()
-        lines = [self.summary(), fmt(head), fmt(tuple("-" * x for x in w))] + [fmt(row) for row in rows]
+        lines = [self.summary(), coverage(self).line(), fmt(head), fmt(tuple("-" * x for x in w))] + [fmt(row) for row in rows]
         if flagged:
             lines.append("! timing outlier (a busy machine? re-time with cache=False / --no-cache): "
                          + "; ".join(f"{k}: {v}" for k, v in flagged.items()))
@@ -206,7 +209,7 @@ class OptimizeReport(list):
     __repr__ = __str__
 
 
-def _layer_report(s: LayerPlan) -> LayerReport:
+def _layer_report(s: LayerPlan, cfg=None) -> LayerReport:
     info = s.info
     m = s.module
     before = m.weight.numel() * m.weight.element_size() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
@@ -228,4 +231,5 @@ def _layer_report(s: LayerPlan) -> LayerReport:
         name=s.name, kind=s.kind, shape=tuple(m.weight.shape), sparsity=round(info.sparsity, 6), fan_in=fan,
         active=info.n_active, ablated=info.n_ablated, inputs_kept=f"{kept_in}/{total_in}", form=s.form,
         output=output, reason=s.reason, times_us=times, rel_err=s.rel_err, bytes_before=before, bytes_after=after,
+        nnz=info.nnz, coverage=classify(s, cfg) if cfg is not None else "",
     )

@@ -6,6 +6,7 @@ import statistics
 import warnings
 
 from ..timing import interleaved_times
+from .exact import FAULT_REASON
 
 
 #: Seconds of whole-model timing per candidate pair in the "auto" check (at least 3 repeats each).
@@ -27,12 +28,13 @@ def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
     layers, kept when nothing beats them.
     """
     report = gm.sparse_compile_report
+    keep = frozenset(r.name for r in report if FAULT_REASON in r.reason)  # the layers at fault stay as they were
     models = {"optimized": gm, "original": original}
     if "condensed" in cfg.auto_forms and any(r.form != "condensed" and r.sparsity > 0 for r in report):
         c_cfg = copy.copy(cfg)
         c_cfg.mode, c_cfg.pad_condensed = "condensed", True
         try:
-            models["condensed everywhere"] = _quiet_build(model, c_cfg, inputs, dev, False)
+            models["condensed everywhere"] = _quiet_build(model, c_cfg, inputs, dev, False, keep)
         except Exception:  # noqa: BLE001 - a layer the condensed form cannot take: no such candidate
             pass
     t = time_models(models, inputs, dev, cfg.repeats, WHOLE_MODEL_BUDGET_S)
@@ -40,7 +42,7 @@ def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
     if min(v[1] for v in cands.values()) > t["original"] and cfg.structural and report.traced:
         flat_cfg = copy.copy(cfg)
         flat_cfg.structural = False
-        flat = _quiet_build(model, flat_cfg, inputs, dev, uses_auto)
+        flat = _quiet_build(model, flat_cfg, inputs, dev, uses_auto, keep)
         t2 = time_models({"flat": flat, "original": original}, inputs, dev, cfg.repeats, WHOLE_MODEL_BUDGET_S)
         # Scale the second pair to the first pair's original: the two runs may see different load.
         cands["without structural changes"] = (flat, t2["flat"] * t["original"] / t2["original"])
@@ -54,7 +56,7 @@ def _whole_model_check(gm, original, model, cfg, inputs, dev, uses_auto):
         best = "original layers"
         dense_cfg = copy.copy(cfg)
         dense_cfg.mode = "dense"
-        out = _quiet_build(model, dense_cfg, inputs, dev, False)
+        out = _quiet_build(model, dense_cfg, inputs, dev, False, keep)
         _adopt(out, report, cfg, "auto kept the original layer: the whole model ran faster that way")
     ms = {k: round(v[1] * 1e3, 3) for k, v in cands.items()}
     ms["original"] = round(t["original"] * 1e3, 3)
@@ -81,10 +83,12 @@ def _adopt(out, report, cfg, why: str) -> None:
     out.sparse_compile_config = cfg.to_dict()
 
 
-def _quiet_build(model, cfg, inputs, dev, uses_auto):
-    """Another build of ``model`` for the whole-model check; the first build already warned."""
-    from .api import _build  # the pipeline itself; api imports this module
+def _quiet_build(model, cfg, inputs, dev, uses_auto, keep=frozenset()):
+    """Another build of ``model`` for the whole-model check (keeping the layers in ``keep`` as they
+    were); the first build already warned."""
+    from .api import _build_verified  # the pipeline itself; api imports this module
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _build(copy.deepcopy(model).eval().to(dev), cfg, inputs, dev, uses_auto)
+        return _build_verified(copy.deepcopy(model).eval().to(dev), cfg, inputs, dev, uses_auto, keep,
+                               fresh=lambda: copy.deepcopy(model).eval().to(dev))

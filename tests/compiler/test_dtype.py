@@ -41,3 +41,13 @@ def test_dtype_is_validated_and_serialised():
     cfg = sparse_compile.OptimizeConfig(dtype=torch.bfloat16)
     assert cfg.dtype == "bfloat16"
     assert sparse_compile.OptimizeConfig.from_dict(cfg.to_dict()).dtype == "bfloat16"
+
+
+def test_bf16_auto_with_the_whole_model_check():
+    # auto rebuilds the model for its whole-model candidates: they must be bf16 too.
+    model = _mlp()
+    x = torch.randn(32, 256)
+    opt = sparse_compile.optimize(model, (x,), mode="auto", dtype="bfloat16", repeats=2, warmup=0, cache=False)
+    assert opt.sparse_compile_report.whole_model is not None
+    assert all(p.dtype == torch.bfloat16 for p in opt.parameters() if p.is_floating_point())
+    assert opt.sparse_compile_report.error_vs_original_dtype < 5e-2

@@ -274,19 +274,6 @@ def test_dense_and_small_layers_are_reported():
     assert r["7"].form in ("dense", "ablated_dense") and "too small" in r["7"].reason  # 1280 weights
 
 
-def test_grouped_conv_is_kept_dense_with_a_warning():
-    conv = nn.Conv2d(16, 32, 3, groups=2)
-    mask = torch.rand(conv.weight.shape) < 0.5
-    with torch.no_grad():
-        conv.weight.mul_(mask)
-    conv.register_buffer("weight_mask", mask)
-    model = nn.Sequential(conv, nn.ReLU()).eval()
-    with pytest.warns(UserWarning, match=r"1 sparse layer\(s\) not converted .*: 0"):
-        opt = check(model, torch.randn(1, 16, 6, 6), "condensed", min_numel=0)
-    r = opt.sparse_compile_report[0]
-    assert r.form == "dense" and "grouped conv" in r.reason
-
-
 def test_mode_patterns():
     model = srigl_init(mlp())
     opt = check(model, torch.randn(2, 64), {"0": "csr", "[25]": "condensed"})
