@@ -224,11 +224,12 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
         if first[0]:
             first[0] = False
             gm = _build(work, cfg, inputs, dev, uses_auto, keep=keep | more, reference=reference)
-            if uses_auto:
+            forms = gm.sparse_compile_report.forms()
+            if uses_auto and all(f in MODES for f in forms.values()):  # (a registered form is no mode)
                 # "auto" times the forms again in each rebuild and may choose differently (a busy
                 # machine), which would make the bisection blame layers that are not at fault.
                 c = copy.copy(cfg)
-                c.mode = {glob.escape(name): form for name, form in gm.sparse_compile_report.forms().items()}
+                c.mode = {glob.escape(name): form for name, form in forms.items()}
                 c.pad_condensed = True  # a layer auto condensed with padding stays so
                 c.__post_init__()
                 pinned.append(c)

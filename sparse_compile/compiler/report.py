@@ -185,7 +185,8 @@ class OptimizeReport(list):
         left = {0, head.index("form")} | ({head.index("output")} if "output" in head else set())
         fmt = lambda cells: sep.join(  # noqa: E731
             (c.ljust(w[i]) if i in left else c.rjust(w[i])) for i, c in enumerate(cells)).rstrip()
-        lines = [self.summary(), coverage(self).line(), fmt(head), fmt(tuple("-" * x for x in w))] + [fmt(row) for row in rows]
+        lines = [self.summary(), fmt(head), fmt(tuple("-" * x for x in w))] + [fmt(row) for row in rows]
+        lines.extend(textwrap.wrap(coverage(self).line(), width, subsequent_indent="  "))
         if flagged:
             lines.append("! timing outlier (a busy machine? re-time with cache=False / --no-cache): "
                          + "; ".join(f"{k}: {v}" for k, v in flagged.items()))
