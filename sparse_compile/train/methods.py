@@ -7,7 +7,8 @@ import torch
 
 from . import budget_rules
 from .budgets import random_constant_fan_in_mask, random_mask
-from .trainer import SparseTrainer, _check_frac, _Layer, _nnz, _row_nnz
+from .layers import _check_frac, _Layer, _nnz, _row_nnz
+from .trainer import SparseTrainer
 
 
 def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
