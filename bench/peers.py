@@ -110,7 +110,8 @@ def openvino_runners(path: str, threads: int) -> tuple:
     for name, cfg in (("OpenVINO f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("OpenVINO default", {})):
         cm = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                                              **cfg})
-        prec = str(cm.get_property("INFERENCE_PRECISION_HINT"))
+        t = cm.get_property("INFERENCE_PRECISION_HINT")
+        prec = t.to_string() if hasattr(t, "to_string") else str(t)  # "f32", not "<Type: 'float32'>"
         req = cm.create_infer_request()
         out[name] = ((lambda a, req=req: req.infer([a])[0]), prec)
     return out, None
