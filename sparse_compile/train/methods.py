@@ -108,9 +108,11 @@ class SRigL(_SameArguments):
       shapes. A layer whose output also reaches anything else (a residual add, the output, a dense
       layer) is not judged. Needs an FX-traceable model.
     * ``skip_zero_grad=True``: a position whose dense gradient is exactly 0 is never regrown (such a
-      weight would never move); a neuron that cannot fill its fan-in ``k`` with kept weights and
-      non-zero-gradient positions is ablated, repeatedly as ``k`` grows. The output layer(s), and
-      neurons kept by the dense-fan-in safeguard, still regrow zero-gradient positions if they must.
+      weight would never move); neurons that cannot fill their fan-in ``k`` with kept weights and
+      non-zero-gradient positions are ablated as long as that raises the number of such weights the
+      layer holds (each ablation raises ``k`` for the rest; see
+      :func:`~sparse_compile.train.budget_rules.ablate_unfillable`). Neurons still short of ``k``, and
+      the output layer(s), regrow zero-gradient positions for the rest.
 
     Freed budget goes to the remaining neurons as with the paper's ablation: constant fan-in
     ``k = budget // active`` among active neurons, the same budget, the output layer(s) never ablated.

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_compile import SRigL
-from sparse_compile.train.budget_rules import Edge
+from sparse_compile.train.budget_rules import Edge, ablate_unfillable
 from sparse_compile.formats import analyze
 
 
@@ -213,6 +213,60 @@ def test_no_regrown_weight_has_zero_gradient(rule):
         assert sp.report().layers[0].ablated > 0  # neurons that could not fill their fan-in
     else:
         assert sum(zero_grown) > 0  # the paper's rule does regrow them (so the test can fail)
+
+
+def _pool(caps, fan):
+    """keep/ag for neurons whose non-zero-gradient positions number ``caps`` (nothing kept)."""
+    keep = torch.zeros(len(caps), fan, dtype=torch.bool)
+    ag = torch.zeros(len(caps), fan)
+    for i, c in enumerate(caps):
+        ag[i, :c] = 1.0
+    return keep, ag
+
+
+def brute_force_best(caps, budget, min_active):
+    """The active count that maximises the weights held without zero-gradient regrowth."""
+    best, best_n = -1, None
+    s = sorted(caps, reverse=True)
+    for n in range(max(min_active, 1), len(caps) + 1):
+        u = sum(min(c, budget // n) for c in s[:n])
+        if u >= best:
+            best, best_n = u, n
+    return best_n
+
+
+@pytest.mark.parametrize("caps,budget", [
+    ([12, 12, 12, 12, 0, 0], 36),        # two neurons with no gradient at all: ablated, k 6 -> 9
+    ([5, 5, 5, 5, 5, 5, 5, 5], 48),     # nobody can fill k=6; ablating would only raise k: keep all
+    ([9, 8, 7, 6, 5, 4, 3, 2], 40),     # the runaway case of "ablate until every neuron fills k"
+    ([30, 1, 1, 1], 32),
+])
+def test_ablate_unfillable_keeps_the_count_that_holds_most_useful_weights(caps, budget):
+    keep, ag = _pool(caps, 32)
+    active = ablate_unfillable(torch.ones(len(caps), dtype=torch.bool), keep, ag, budget, 1)
+    n = int(active.sum())
+    assert n == brute_force_best(caps, budget, 1)
+    # The dropped neurons are the worst-filled ones.
+    kept_caps = [c for c, a in zip(caps, active.tolist()) if a]
+    dropped = [c for c, a in zip(caps, active.tolist()) if not a]
+    assert not dropped or max(dropped) <= min(kept_caps)
+
+
+def test_ablate_unfillable_does_not_run_away_on_a_small_input_pool():
+    # The old rule ("ablate every neuron that cannot fill k, repeat as k grows") took this layer down
+    # to a single neuron: each ablation raised k past the next neuron's candidates.
+    caps = [10, 10, 9, 9, 8, 8, 7, 7]
+    keep, ag = _pool(caps, 16)
+    active = ablate_unfillable(torch.ones(8, dtype=torch.bool), keep, ag, 64, 1)
+    assert int(active.sum()) >= 6
+
+
+def test_ablate_unfillable_respects_min_active_and_the_current_active_set():
+    keep, ag = _pool([0, 0, 0, 0, 16, 16], 16)
+    start = torch.tensor([True, True, True, True, True, False])
+    active = ablate_unfillable(start, keep, ag, 48, 3)
+    assert int(active.sum()) == 3 and not bool(active[5])  # never re-activates, never below min_active
+    assert bool(active[4])
 
 
 def test_both_rules_keep_the_invariants_on_a_cnn_and_resume_bit_identically():
