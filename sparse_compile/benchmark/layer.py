@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..timing import num_threads, time_fn
 from .results import FORMS, _condensed_impl, add_speedups, machine_info
-from .weights import LayerWeights, checkpoint_layer, parse_shape, random_layer
+from .weights import BenchWeights, checkpoint_layer, parse_shape, random_layer
 
 
 DEFAULT_LAYERS = ("768x3072", "3072x768")
@@ -140,7 +140,7 @@ def _deepsparse_engine_fn(w: Tensor, b: Optional[Tensor], threads: Optional[int]
     return fn, f"deepsparse {deepsparse.__version__}"
 
 
-def build_form(form: str, lw: LayerWeights, device="cpu", dtype=torch.float32,
+def build_form(form: str, lw: BenchWeights, device="cpu", dtype=torch.float32,
                threads: Optional[int] = None, seed: int = 0) -> Form:
     """Build ``form`` (one of :data:`FORMS`) of the layer on ``device`` in ``dtype``.
 

@@ -20,7 +20,7 @@ def parse_shape(s: str) -> tuple:
 
 
 @dataclass
-class LayerWeights:
+class BenchWeights:
     """A sparse Linear layer to benchmark: masked weight ``[out, in]``, mask, bias, provenance."""
 
     name: str
@@ -53,7 +53,7 @@ class LayerWeights:
 
 
 def random_layer(out: int, inp: int, sparsity: float, ablated_fraction: float = 0.1, bias: bool = True,
-                 seed: int = 0, name: Optional[str] = None) -> LayerWeights:
+                 seed: int = 0, name: Optional[str] = None) -> BenchWeights:
     """A constant fan-in layer with SRigL's statistics, as if trained with neuron ablation.
 
     ``round(ablated_fraction * out)`` neurons (chosen at random) are ablated and, as SRigL does, the
@@ -80,10 +80,10 @@ def random_layer(out: int, inp: int, sparsity: float, ablated_fraction: float = 
     w = torch.empty(out, inp)
     sparse_init_(w, mask, generator=g)
     b = torch.randn(out, generator=g) * 0.1 if bias else None
-    return LayerWeights(name or f"{out}x{inp}", w, mask, b, "random constant fan-in", float(sparsity))
+    return BenchWeights(name or f"{out}x{inp}", w, mask, b, "random constant fan-in", float(sparsity))
 
 
-def checkpoint_layer(path, layer: Optional[str] = None) -> LayerWeights:
+def checkpoint_layer(path, layer: Optional[str] = None) -> BenchWeights:
     """A trained layer from a checkpoint: ``<layer>.weight``, ``<layer>.weight_mask`` (if saved), bias.
 
     ``layer`` may be omitted when the checkpoint holds a single 2-D weight with a mask; otherwise a
@@ -111,4 +111,4 @@ def checkpoint_layer(path, layer: Optional[str] = None) -> LayerWeights:
     w = w * mask
     b = sd.get(f"{layer}.bias")
     a = analyze(w, mask, layer)
-    return LayerWeights(layer, w, mask, None if b is None else b.float(), f"checkpoint {path}", a.sparsity)
+    return BenchWeights(layer, w, mask, None if b is None else b.float(), f"checkpoint {path}", a.sparsity)
