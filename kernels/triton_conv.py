@@ -37,6 +37,7 @@ from sparse_compile.kernels.triton_launch import (  # noqa: E402
     _pow2, cdiv, device_guard, needs_int64, run_kernel, tracing,
 )
 from sparse_compile.kernels.triton_linear import _check  # noqa: E402
+from sparse_compile.numerics import relative_error  # noqa: E402
 
 __all__ = ["condensed_conv2d_triton", "conv_configs"]
 
@@ -277,7 +278,7 @@ def _main() -> None:
         x = torch.randn(nb, c, hw, hw, device=dev)
         y = condensed_conv2d_triton(x, vals, idx, bias, ks, st, pd, dl)
         ref = condensed_conv2d_ref(x.double(), vals.double(), idx, bias.double(), ks, (st, st), (pd, pd), (dl, dl))
-        err = float((y.double() - ref).abs().max() / ref.abs().max())
+        err = relative_error(y, ref)
         print(f"kernel {ks} stride {st} padding {pd} dilation {dl}: max rel err {err:.1e}")
 
 

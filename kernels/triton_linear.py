@@ -50,6 +50,7 @@ from sparse_compile.kernels.reference import condensed_linear_ref  # noqa: E402
 from sparse_compile.kernels.triton_launch import (  # noqa: E402,F401  (re-exported: older imports)
     _BEST, _TUNERS, _pow2, cdiv, device_guard, interpreting, launch, needs_int64, run_kernel, tracing, tuner,
 )
+from sparse_compile.numerics import relative_error  # noqa: E402
 
 
 __all__ = [
@@ -563,12 +564,6 @@ def _random_condensed(n: int, fan_in: int, k: int, dtype, device, index_dtype=to
     return vals, idx.to(index_dtype)
 
 
-def _max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    if ref.numel() == 0:
-        return 0.0
-    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 def _main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, fan_in = (768, 3072) if dev == "cuda" else (40, 96)
@@ -581,7 +576,7 @@ def _main() -> None:
             x = torch.randn(batch, fan_in, device=dev)
             y = condensed_linear_triton(x, vals, idx, bias)
             ref = condensed_linear_ref(x.double(), vals.double(), idx, bias.double())
-            err = _max_rel_err(y, ref)
+            err = relative_error(y, ref)
             line = f"sparsity {sparsity:.2f} batch {batch:5d}: max rel err {err:.1e}"
             if dev == "cuda":
                 w = vals.new_zeros(n, fan_in).scatter_(1, idx.long(), vals)
