@@ -47,16 +47,17 @@ def apply_random_masks(model, sparsity: float, distribution: str = "erk", dense_
     budgets). Returns ``(densities, achieved global sparsity)``."""
     import torch
 
-    from ..train.budgets import achieved_sparsity, constant_fan_in, fan_in_dense, layer_densities, random_constant_fan_in_mask
+    from ..benchmark.weights import srigl_like_mask
+    from ..train.budgets import achieved_sparsity, layer_budgets, layer_densities
 
     layers = sparse_layers(model)
     shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
     dense = [next(iter(layers))] if dense_first else []
     dens = layer_densities(shapes, sparsity, distribution=distribution, dense=dense)
+    budgets = layer_budgets(shapes, dens)
     g = torch.Generator().manual_seed(seed)
     for n, m in layers.items():
-        k = constant_fan_in(dens[n], fan_in_dense(shapes[n]))
-        mask = random_constant_fan_in_mask(shapes[n], k, generator=g, device=m.weight.device)
+        mask = srigl_like_mask(shapes[n], budgets[n], generator=g).to(m.weight.device)
         m.register_buffer("weight_mask", mask)  # replaces a mask the model already has
     return dens, achieved_sparsity(shapes, dens)
 
