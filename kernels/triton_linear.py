@@ -46,6 +46,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `im
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from sparse_compile.kernels.checks import INT16_MAX_FAN_IN, check_linear_args  # noqa: E402,F401
 from sparse_compile.kernels.reference import condensed_linear_ref  # noqa: E402
 from sparse_compile.kernels.triton_launch import (  # noqa: E402,F401  (re-exported: older imports)
     _BEST, _TUNERS, _pow2, cdiv, device_guard, interpreting, launch, needs_int64, run_kernel, tracing, tuner,
@@ -68,10 +69,6 @@ GEMV_MAX_BATCH = 16
 #: Batch buckets above this use the "large" feature-major config list.
 _LARGE_BATCH = 512
 
-_INDEX_DTYPES = (torch.int16, torch.int32)
-#: Largest fan-in int16 indices can address (indices up to 32767; beyond, they sign-extend).
-INT16_MAX_FAN_IN = 2**15
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _I32_MAX = 2**31 - 1
 
 
@@ -372,41 +369,16 @@ def linear_configs(kernel: str, batch: int, k: int, dtype: torch.dtype = torch.f
 # Launchers
 # ---------------------------------------------------------------------------------------------
 def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=None):
-    """Shape / dtype / device checks shared by the launchers; errors name the faulty argument.
+    """The launchers' checks: :func:`.checks.check_linear_args`, plus what only the Triton kernels
+    need; errors name the faulty argument.
 
     ``fan_in``: the size the indices address (default: x's last dimension, which k must not
     exceed). int16 indices are rejected past ``INT16_MAX_FAN_IN``: the kernels sign-extend them."""
-    for name, t in (("x", x), ("values", values), ("indices", indices)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least one dimension (the fan-in)")
-    if values.dim() != 2 or tuple(indices.shape) != tuple(values.shape):
-        raise ValueError(f"{op}: values {tuple(values.shape)} and indices {tuple(indices.shape)} "
-                         "must both be [n, k]")
-    if x.dtype not in _FLOAT_DTYPES or values.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: x ({x.dtype}) and values ({values.dtype}) must be float16, bfloat16, "
-                        "float32 or float64")
-    if indices.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{op}: indices dtype {indices.dtype} must be int16 or int32")
-    if fan_in is None:
-        fan_in = x.shape[-1]
-        if values.shape[1] > fan_in:
-            raise ValueError(f"{op}: k = {values.shape[1]} exceeds x's fan-in {fan_in}")
+    check_linear_args(x, values, indices, bias, op, fan_in=fan_in)
+    fan_in = x.shape[-1] if fan_in is None else fan_in
     if indices.dtype == torch.int16 and fan_in > INT16_MAX_FAN_IN:
         raise ValueError(f"{op}: int16 indices cannot address a fan-in of {fan_in} (> {INT16_MAX_FAN_IN}): "
                          "use int32 indices")
-    devs = {("x", x.device), ("values", values.device), ("indices", indices.device)}
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (values.shape[0],):
-            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"{op}: bias must have shape ({values.shape[0]},), got {shape}")
-        if bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: bias dtype {bias.dtype} must be a float dtype")
-        devs.add(("bias", bias.device))
-    if len({d for _, d in devs}) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got "
-                         + ", ".join(f"{n}={d}" for n, d in sorted(devs, key=str)))
     if not _runs_here(x.device):
         raise RuntimeError(f"{op}: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            f"imported, for CPU tensors); x is on {x.device}")

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from .kernels.checks import INDEX_DTYPES, VALUE_DTYPES  # the dtypes the kernels take
+
 __all__ = [
     "WeightAnalysis",
     "Condensed",
@@ -41,9 +43,6 @@ __all__ = [
     "VALUE_DTYPES",
     "INDEX_DTYPES",
 ]
-
-VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int16, torch.int32)
 
 
 def _check_weight(weight: torch.Tensor, name: str) -> None:
