@@ -48,6 +48,8 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from sparse_compile.numerics import relative_error as rel_err  # noqa: E402
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message=".*C\\+\\+ kernels.*")
 
@@ -173,10 +175,6 @@ def make_layer(sparsity: float, dtype=torch.float32):
     vals = torch.randn(N_OUT, k, device=DEV, generator=g).to(dtype)
     dense = torch.zeros(N_OUT, FAN_IN, device=DEV, dtype=dtype).scatter_(1, idx, vals)
     return vals, idx.to(torch.int16), dense
-
-
-def rel_err(y, ref) -> float:
-    return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
 @guarded("header")

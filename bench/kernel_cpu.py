@@ -43,6 +43,7 @@ from torch.utils import benchmark  # noqa: E402
 import sparse_compile  # noqa: F401  (registers the ops)
 from sparse_compile.kernels import condensed_conv2d, condensed_linear, cpu
 from sparse_compile.kernels.reference import dense_weight
+from sparse_compile.numerics import relative_error
 
 OUT, IN = 768, 3072
 
@@ -82,7 +83,7 @@ def bench_layer(threads, sparsities, batches, min_run_time):
                            condensed_linear=condensed_linear)
                 y = condensed_linear(x, values, idx)
                 ref = F.linear(x.double(), w.double())
-                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                err = relative_error(y, ref)
                 r = dict(threads=nt, sparsity=s, k=values.shape[1], batch=b, rel_err=err)
                 r["dense_us"] = median_us("F.linear(x, w)", env, min_run_time)
                 r["csr_us"] = median_us("(wcsr @ x.t()).t()", env, min_run_time)
@@ -135,9 +136,9 @@ def bench_vit(threads, rows, sparsity, rounds):
         x = torch.randn(rows, i, generator=g)
         xb, wb, vb = x.bfloat16(), w.bfloat16(), values.bfloat16()
         ref = F.linear(x.double(), w.double())
-        err32 = ((condensed_linear(x, values, idx).double() - ref).abs().max() / ref.abs().max()).item()
-        errbf = ((condensed_linear(xb, vb, idx).double() - ref).abs().max() / ref.abs().max()).item()
-        errdb = ((F.linear(xb, wb).double() - ref).abs().max() / ref.abs().max()).item()
+        err32 = relative_error(condensed_linear(x, values, idx), ref)
+        errbf = relative_error(condensed_linear(xb, vb, idx), ref)
+        errdb = relative_error(F.linear(xb, wb), ref)
         for nt in threads:
             torch.set_num_threads(nt)
             med = _interleaved({
@@ -182,7 +183,7 @@ def bench_conv(threads, stages, min_run_time):
                 env = dict(F=F, x=x, w=w, values=values, idx=idx, condensed_conv2d=condensed_conv2d)
                 y = condensed_conv2d(x, values, idx, None, ks, 1, 1, 1)
                 ref = F.conv2d(x.double(), w.double(), None, 1, 1)
-                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                err = relative_error(y, ref)
                 d = median_us("F.conv2d(x, w, None, 1, 1)", env, min_run_time)
                 cc = median_us("condensed_conv2d(x, values, idx, None, 3, 1, 1, 1)", env, min_run_time)
                 rows.append(dict(channels=c, side=hw, k=k, threads=nt, batch=b, dense_us=d, condensed_us=cc,

@@ -49,7 +49,8 @@ def sparsify(model: torch.nn.Module, name: str, sparsity: float, ablated_fractio
     Returns the number of sparse layers. Output layers are never ablated.
     """
     from sparse_compile import StaticSparse
-    from sparse_compile.train.budgets import random_constant_fan_in_mask, sparse_init_
+    from sparse_compile.benchmark.weights import n_ablated_for, srigl_like_mask
+    from sparse_compile.train.budgets import sparse_init_
 
     torch.manual_seed(seed)
     dist = "uniform" if name.startswith("vit") else "erk"
@@ -63,18 +64,11 @@ def sparsify(model: torch.nn.Module, name: str, sparsity: float, ablated_fractio
             if mask is None:
                 continue
             n += 1
-            out = mask.shape[0]
-            n_abl = min(out - 1, int(round(ablated_fraction * out)))
+            n_abl = n_ablated_for(mask.shape[0], ablated_fraction)
             if t.head or n_abl == 0:
                 continue
-            m2 = mask.reshape(out, -1)
-            fan = m2.shape[1]
-            budget = int(m2.sum())
-            active = torch.randperm(out, generator=g)[: out - n_abl]
-            k = min(fan, budget // len(active))
-            new = torch.zeros_like(m2)
-            new[active] = random_constant_fan_in_mask((len(active), fan), k, generator=g)
-            mask.copy_(new.reshape(mask.shape))
+            # the trainer's budget for this layer (ERK / uniform), spread over the neurons left active
+            mask.copy_(srigl_like_mask(mask.shape, int(mask.sum()), n_abl, generator=g))
             sparse_init_(t.param.data, mask, generator=g)
     return n
 

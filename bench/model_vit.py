@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -38,25 +37,18 @@ def sparse_vit(sparsity: float, ablated_fraction: float, seed: int = 0) -> nn.Mo
     """torchvision ViT-B/16 with constant fan-in masks on MLP and attention out-projection weights."""
     import torchvision
 
+    from sparse_compile.benchmark.weights import random_layer
+
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     model = torchvision.models.vit_b_16(num_classes=1000).eval()
     with torch.no_grad():
-        for name, m in model.named_modules():
+        for i, (name, m) in enumerate(model.named_modules()):
             if not isinstance(m, nn.Linear) or not (name.endswith("out_proj") or ".mlp." in name):
                 continue
-            out, fan = m.weight.shape
-            k0 = max(1, round((1 - sparsity) * fan))
-            n_abl = min(out - 1, int(round(ablated_fraction * out)))
-            active = torch.randperm(out, generator=g)[: out - n_abl]
-            k = min(fan, k0 * out // len(active))  # the layer's budget spread over the active neurons
-            mask = torch.zeros(out, fan, dtype=torch.bool)
-            idx = torch.rand(len(active), fan, generator=g).argsort(dim=1)[:, :k]
-            rows = torch.zeros(len(active), fan, dtype=torch.bool).scatter_(1, idx, True)
-            mask[active] = rows
-            m.weight.copy_(torch.randn(out, fan, generator=g) * math.sqrt(2.0 / k) * mask)
-            m.bias.copy_(torch.randn(out, generator=g) * 0.1)
-            m.register_buffer("weight_mask", mask)
+            lw = random_layer(*m.weight.shape, sparsity, ablated_fraction, seed=seed * 100003 + i, name=name)
+            m.weight.copy_(lw.weight)
+            m.bias.copy_(lw.bias)
+            m.register_buffer("weight_mask", lw.mask)
         # torchvision zero-initialises the head: every output would be 0 and any check vacuous.
         nn.init.normal_(model.heads.head.weight, std=0.02)
         nn.init.normal_(model.heads.head.bias, std=0.02)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from bench.model_vit import compiled, sparse_vit
+from sparse_compile.numerics import relative_error
 
 #: wall clock, or CPU time of the whole process (all its threads): on a busy shared machine the
 #: latter ignores the time the OS gives to other processes. Only fair with every runtime's pool
@@ -85,10 +86,8 @@ def interleaved(fns: dict, x, rounds: int, timer) -> dict:
 
 
 def rel_err(y, ref) -> float:
-    """max |y - ref| / max |ref|, in float64."""
-    y = torch.as_tensor(y).double()
-    ref = ref.double()
-    return ((y - ref).abs().max() / ref.abs().max()).item()
+    """:func:`sparse_compile.numerics.relative_error` of a peer's output, which may be a numpy array."""
+    return relative_error(torch.as_tensor(y), ref)
 
 
 def export_onnx(model, x, path: str) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from bench.gpu_check import kernel_us, make_layer, wall_us
 from sparse_compile.kernels import triton_linear as tlin
+from sparse_compile.numerics import relative_error
 
 T0 = time.time()
 
@@ -179,7 +180,7 @@ def compare(old_conv=None):
             if mod is None:
                 continue
             y = mod.condensed_conv2d_triton(x, vals, idx, None, 3, st, 1, 1)
-            err = float((y - ref).abs().max() / ref.abs().max())
+            err = relative_error(y, ref)
             t, _ = kernel_us(lambda: mod.condensed_conv2d_triton(x, vals, idx, None, 3, st, 1, 1))
             line += f"  {name} {t:.1f} us (err {err:.0e})"
         print(line)

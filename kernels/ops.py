@@ -1,4 +1,4 @@
-"""Registration of ``torch.ops.sparse_compile.condensed_linear`` / ``condensed_conv2d``.
+"""Registration of ``torch.ops.sparse_compile.condensed_linear`` / ``condensed_conv2d`` / ``csr_mm``.
 
 Design:
 
@@ -29,12 +29,10 @@ import torch
 from torch import Tensor
 
 from . import cpu, validate
+from .checks import INDEX_DTYPES, VALUE_DTYPES, check_conv_geometry, check_linear_args, conv_out_hw
 from .reference import condensed_conv2d_ref, condensed_linear_ref, dense_weight
 
-__all__ = ["condensed_linear", "condensed_conv2d", "check_linear_args", "check_conv2d_args"]
-
-_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_INDEX_DTYPES = (torch.int16, torch.int32)
+__all__ = ["condensed_linear", "condensed_conv2d", "csr_mm", "check_linear_args", "check_conv2d_args"]
 
 # ---------------------------------------------------------------------------------------------
 # Private C++ CPU ops: schema + fake here, CPU kernels registered by kernels/csrc/condensed_cpu.cpp.
@@ -47,12 +45,6 @@ _lib.define(
 )
 
 
-def _conv_out_hw(h, w, kernel_size, stride, padding, dilation):
-    ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    return ho, wo
-
-
 @torch.library.register_fake("sparse_compile::_condensed_linear_cpu", lib=_lib)
 def _linear_cpu_fake(x, values, indices, bias):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
@@ -60,8 +52,35 @@ def _linear_cpu_fake(x, values, indices, bias):
 
 @torch.library.register_fake("sparse_compile::_condensed_conv2d_cpu", lib=_lib)
 def _conv_cpu_fake(x, values, indices, bias, kernel_size, stride, padding, dilation):
-    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     return x.new_empty((x.shape[0], values.shape[0], ho, wo))
+
+
+# ---------------------------------------------------------------------------------------------
+# CSR matmul (the "csr" form's kernel): torch.sparse_csr mm, as an op over the CSR arrays.
+# ---------------------------------------------------------------------------------------------
+def csr_mm(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
+    """``W @ x`` for the CSR matrix ``W [len(crow)-1, n_cols]`` given by its three arrays, ``x [n_cols, m]``."""
+    # Invariants were checked when the module was built (and on load): skip re-checking per call.
+    w = torch.sparse_csr_tensor(crow_indices, col_indices, values, (crow_indices.numel() - 1, n_cols),
+                                dtype=values.dtype, device=values.device, check_invariants=False)
+    return torch.mm(w, x)
+
+
+@torch.library.custom_op("sparse_compile::csr_mm", mutates_args=())
+def _csr_mm_op(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
+    """:func:`csr_mm` as an op over plain tensors, so that ``torch.compile(fullgraph=True)`` and
+    ``torch.export`` (which do not take sparse tensors) keep it as one opaque call."""
+    # csr_mm skips torch's invariant checks: a direct call must not hand it arbitrary arrays.
+    validate.check_csr(crow_indices, col_indices, values, n_cols)
+    if x.dim() != 2 or x.shape[0] != n_cols:
+        raise ValueError(f"csr_mm: x must be [{n_cols}, m], got shape {tuple(x.shape)}")
+    return csr_mm(crow_indices, col_indices, values, n_cols, x)
+
+
+@_csr_mm_op.register_fake
+def _csr_mm_fake(crow_indices, col_indices, values, n_cols, x):
+    return x.new_empty((crow_indices.shape[0] - 1, x.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,70 +122,14 @@ def _triton_fn(module: str, name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks (cheap: shapes, dtypes, devices; index values: validate.py, cached per tensor).
+# Argument checks (cheap: shapes, dtypes, devices in checks.py; index values: validate.py, cached
+# per tensor).
 # ---------------------------------------------------------------------------------------------
-def check_linear_args(x, values, indices, bias, op: str = "condensed_linear") -> None:
-    """Raise a clear TypeError/ValueError naming the faulty argument of a condensed linear call."""
-    for name, t in (("x", x), ("values", values), ("indices", indices)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least 1 dimension (the fan-in), got a 0-d tensor")
-    if x.dtype not in _VALUE_DTYPES:
-        raise TypeError(f"{op}: x dtype {x.dtype} not supported (float32, float16, bfloat16, float64)")
-    if values.dim() != 2:
-        raise ValueError(f"{op}: values must be 2-D [n, k], got shape {tuple(values.shape)}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"{op}: values dtype {values.dtype} must match x dtype {x.dtype}")
-    if indices.shape != values.shape:
-        raise ValueError(
-            f"{op}: indices shape {tuple(indices.shape)} must equal values shape {tuple(values.shape)}"
-        )
-    if indices.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{op}: indices dtype {indices.dtype} not supported (int16 or int32)")
-    if values.device != x.device or indices.device != x.device:
-        raise ValueError(
-            f"{op}: x ({x.device}), values ({values.device}) and indices ({indices.device}) "
-            "must be on the same device"
-        )
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (values.shape[0],):
-            raise ValueError(f"{op}: bias shape {tuple(bias.shape)} must be ({values.shape[0]},) (one per neuron)")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"{op}: bias device {bias.device} must match x device {x.device}")
-
-
-def _pair(v, name: str, op: str):
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(e) for e in v)
-    if len(t) != 2:
-        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
 def check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation):
     """Check a condensed conv2d call; returns the four int pairs. Raises naming the faulty argument."""
     op = "condensed_conv2d"
-    check_linear_args(x, values, indices, bias, op)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    ks, st, pd, dl = (_pair(v, n, op) for v, n in (
-        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    if min(ks) < 1 or min(st) < 1 or min(dl) < 1 or min(pd) < 0:
-        raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
-                         f"{ks}, {st}, {dl}, {pd}")
-    fan_in = x.shape[1] * ks[0] * ks[1]
-    if values.shape[1] > fan_in:
-        raise ValueError(f"{op}: k = {values.shape[1]} exceeds the fan-in C*kh*kw = {fan_in}")
-    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], ks, st, pd, dl)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"{op}: input {tuple(x.shape[2:])} too small for kernel {ks} with padding {pd}, "
-                         f"dilation {dl}")
+    ks, st, pd, dl, _ = check_conv_geometry(x, kernel_size, stride, padding, dilation, op)
+    check_linear_args(x, values, indices, bias, op, fan_in=x.shape[1] * ks[0] * ks[1])
     return ks, st, pd, dl
 
 
@@ -254,7 +217,7 @@ def _condensed_conv2d_op(
             return fn(x, values, indices, bias, kernel_size, stride, padding, dilation)
         # im2col + the condensed linear kernel: [N, L, C*kh*kw] @ condensed -> [N, L, n].
         n_img = x.shape[0]
-        ho, wo = _conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+        ho, wo = conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
         cols = torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2)
         y = _linear_impl(cols, values, indices, bias)
         return y.transpose(1, 2).reshape(n_img, values.shape[0], ho, wo)
@@ -335,9 +298,9 @@ def _linear_args_ok(x, values, indices, bias) -> bool:
     try:
         dt = x.dtype
         return (
-            dt in _VALUE_DTYPES
+            dt in VALUE_DTYPES
             and values.dtype is dt
-            and indices.dtype in _INDEX_DTYPES
+            and indices.dtype in INDEX_DTYPES
             and values.dim() == 2
             and indices.shape == values.shape
             and x.dim() >= 1

@@ -33,10 +33,12 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `im
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from sparse_compile.kernels.checks import check_conv_geometry  # noqa: E402
 from sparse_compile.kernels.triton_launch import (  # noqa: E402
     _pow2, cdiv, device_guard, needs_int64, run_kernel, tracing,
 )
 from sparse_compile.kernels.triton_linear import _check  # noqa: E402
+from sparse_compile.numerics import relative_error  # noqa: E402
 
 __all__ = ["condensed_conv2d_triton", "conv_configs"]
 
@@ -130,15 +132,6 @@ def conv_configs() -> list:
     return [dict(BLOCK_N=a, BLOCK_J=b, BLOCK_M=c, num_warps=w, num_stages=s) for a, b, c, w, s in _CONV]
 
 
-def _pair(v, name: str):
-    if isinstance(v, int):
-        return int(v), int(v)
-    t = tuple(int(e) for e in v)
-    if len(t) != 2:
-        raise ValueError(f"condensed_conv2d_triton: {name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
 def condensed_conv2d_triton(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -160,27 +153,9 @@ def condensed_conv2d_triton(
     autotuning; ``out``: a contiguous output tensor to write into.
     """
     op = "condensed_conv2d_triton"
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"{op}: x must be a 4-D [N, C, H, W] tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    kh, kw = _pair(kernel_size, "kernel_size")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
-                         f"{(kh, kw)}, {(sh, sw)}, {(dh, dw)}, {(ph, pw)}")
-    _check(x, values, indices, bias, None, op, fan_in=x.shape[1] * kh * kw)
-    nb, c, h, w = x.shape
-    n, k = values.shape
-    if k > c * kh * kw:
-        raise ValueError(f"{op}: k = {k} exceeds the fan-in C*kh*kw = {c * kh * kw}")
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(f"{op}: input {(h, w)} too small for kernel {(kh, kw)} with padding {(ph, pw)}, "
-                         f"dilation {(dh, dw)}")
-    shape = (nb, n, ho, wo)
+    ks, st, pd, dl, (ho, wo) = check_conv_geometry(x, kernel_size, stride, padding, dilation, op)
+    _check(x, values, indices, bias, None, op, fan_in=x.shape[1] * ks[0] * ks[1])
+    shape = (x.shape[0], values.shape[0], ho, wo)
     if out is not None:
         if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
             raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
@@ -190,7 +165,7 @@ def condensed_conv2d_triton(
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[o] at unit stride
     with device_guard(x.device):
-        _conv(x, values, indices, bias, y, (kh, kw), (sh, sw), (ph, pw), (dh, dw), config)
+        _conv(x, values, indices, bias, y, ks, st, pd, dl, config)
     return y
 
 
@@ -277,7 +252,7 @@ def _main() -> None:
         x = torch.randn(nb, c, hw, hw, device=dev)
         y = condensed_conv2d_triton(x, vals, idx, bias, ks, st, pd, dl)
         ref = condensed_conv2d_ref(x.double(), vals.double(), idx, bias.double(), ks, (st, st), (pd, pd), (dl, dl))
-        err = float((y.double() - ref).abs().max() / ref.abs().max())
+        err = relative_error(y, ref)
         print(f"kernel {ks} stride {st} padding {pd} dilation {dl}: max rel err {err:.1e}")
 
 

@@ -30,13 +30,15 @@ Plain eager calls launch the kernels directly; while tracing or compiling (dynam
 export, fake tensors) launches go through ``torch.library.wrap_triton``, so the kernels are visible
 to inductor when this launcher runs inside a ``torch.library.triton_op``.
 
-Run ``python kernels/triton_linear.py`` for a correctness check and a small benchmark.
+The config lists live in :mod:`.triton_linear_configs`, the feature-major copy of ``x`` and the
+fan-in padding in :mod:`.triton_layout`; this module keeps the two kernels, their launcher, the
+torch reference it re-exports and the self-check. Run ``python kernels/triton_linear.py`` for a
+correctness check and a small benchmark.
 """
 from __future__ import annotations
 
-import functools
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -46,10 +48,19 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # must precede `im
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from sparse_compile.kernels.checks import INT16_MAX_FAN_IN, check_linear_args  # noqa: E402,F401
 from sparse_compile.kernels.reference import condensed_linear_ref  # noqa: E402
 from sparse_compile.kernels.triton_launch import (  # noqa: E402,F401  (re-exported: older imports)
     _BEST, _TUNERS, _pow2, cdiv, device_guard, interpreting, launch, needs_int64, run_kernel, tracing, tuner,
 )
+from sparse_compile.kernels.triton_layout import (  # noqa: E402,F401  (_to_feature_major_kernel: see ops._record_kernels)
+    _to_feature_major_kernel, pad_fan_in, to_feature_major,
+)
+from sparse_compile.kernels.triton_linear_configs import (  # noqa: E402
+    _FM_DEFAULT, _GEMV_DEFAULT, _LARGE_BATCH, GEMV_MAX_BATCH, _buckets, _fm_configs, _fm_key, _gemv_configs,
+    _split_space, _split_space_cached, linear_configs,
+)
+from sparse_compile.numerics import relative_error  # noqa: E402
 
 
 __all__ = [
@@ -60,18 +71,6 @@ __all__ = [
     "condensed_linear_ref",
     "GEMV_MAX_BATCH",
 ]
-
-#: Largest batch served by the GEMV kernel; above it the feature-major kernel wins (the copy
-#: to feature-major costs one extra pass over x, which small batches cannot amortise).
-GEMV_MAX_BATCH = 16
-#: Batch buckets above this use the "large" feature-major config list.
-_LARGE_BATCH = 512
-
-_INDEX_DTYPES = (torch.int16, torch.int32)
-#: Largest fan-in int16 indices can address (indices up to 32767; beyond, they sign-extend).
-INT16_MAX_FAN_IN = 2**15
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_I32_MAX = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,131 +210,13 @@ def _condensed_fm_kernel(
         tl.store(y, out.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@triton.jit
-def _to_feature_major_kernel(
-    x_ptr, xt_ptr, B, IN, s_xb, s_xi, s_ti,
-    WIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
-):
-    """``xt[i, b] = x[b, i]``; triton stages the tile through shared memory so that both the
-    load (along i) and the store (along b) are coalesced."""
-    pid = tl.program_id(0)
-    num_b = tl.cdiv(B, BLOCK_B)
-    pid_b = pid % num_b
-    pid_i = pid // num_b
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    if WIDE:
-        rb = rb.to(tl.int64)
-        ri = ri.to(tl.int64)
-    m = (rb < B)[:, None] & (ri < IN)[None, :]
-    t = tl.load(x_ptr + rb[:, None] * s_xb + ri[None, :] * s_xi, mask=m)
-    tl.store(xt_ptr + ri[None, :] * s_ti + rb[:, None], t, mask=m)
-
-
 # ---------------------------------------------------------------------------------------------
-# Launch helpers: kernels/triton_launch.py
+# Launch helpers (the generic ones: kernels/triton_launch.py)
 # ---------------------------------------------------------------------------------------------
 def _runs_here(device: torch.device) -> bool:
     """Whether the launchers can run on ``device``: CUDA, or anything under the interpreter."""
     return device.type == "cuda" or interpreting()
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Config lists (kept short: each config costs a compile and a timing on the first call of a key)
-# ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _gemv_configs(b_bucket: int, k_bucket: int) -> List[dict]:
-    out, seen = [], set()
-    if b_bucket == 1:  # one neuron per program on 4 warps led the H200 sweep at 90% (5.8 us)
-        out.append(dict(BLOCK_B=1, BLOCK_N=1, BLOCK_K=k_bucket, num_warps=max(1, min(4, k_bucket // 128)),
-                        num_stages=1))
-        seen.add((1, 1, k_bucket))
-    blocks_b = [b_bucket] if b_bucket < 8 else [b_bucket, b_bucket // 4]
-    for bb in blocks_b:
-        if bb == 1:  # 8 and 16 neurons per program trailed by >10% in the H200 sweep (k = 307)
-            neuron_blocks = (2, 4)
-        elif bb == b_bucket:
-            neuron_blocks = (2, 4, 8)
-        else:  # a quarter of the batch per program: 4x the programs, indices re-read from L2
-            neuron_blocks = (2, 4)
-        for bn in neuron_blocks:
-            # ~4096 accumulators per program: one k-tile covers the ViT fan-ins at batch 1.
-            bk = min(k_bucket, max(16, 4096 // (bb * bn)))
-            elems = bb * bn * bk
-            nw = max(1, min(8, elems // 512))
-            key = (bb, bn, bk)
-            if key not in seen:
-                seen.add(key)
-                out.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=1))
-    return out
-
-
-# (BLOCK_N, BLOCK_J, REP_B, SUB_B, num_warps, SPLIT[, maxnreg]). SUB_B columns = one 128-byte line
-# per gathered row (32 fp32 / 64 bf16); REP_B such lines per index. More neurons per program =
-# more L1 reuse of each gathered row but fewer programs; SPLIT cuts the fan-in across programs
-# (reduced in the kernel) where the batch alone gives too few. Picked from a sweep on an H200
-# (bench/triton_sweep.py, ViT-B fc2 768 x 3072 at 90/99%, batch 256/2048): 16 x 8 x (1-2 lines)
-# tiles on 4 warps led every case; maxnreg=128 helped the bf16 99% tiles (8.0 vs 9.1 us).
-# tests/kernels/test_triton_compile.py compiles every entry for sm_90 and checks for spills.
-_FM_CONFIGS = {
-    (4, False): [(16, 8, 2, 32, 4, 2), (16, 8, 2, 32, 4, 4), (16, 8, 1, 32, 4, 1), (16, 8, 1, 32, 4, 1, 128),
-                 (32, 4, 2, 32, 4, 2), (32, 8, 1, 32, 8, 1), (32, 4, 2, 32, 8, 4)],
-    (4, True): [(16, 8, 2, 32, 4, 1), (32, 4, 2, 32, 4, 1), (64, 2, 2, 32, 4, 1), (16, 8, 2, 32, 4, 2),
-                (64, 1, 4, 32, 4, 1)],
-    (2, False): [(32, 8, 1, 64, 8, 1, 128), (16, 8, 1, 64, 4, 1, 128), (16, 8, 1, 64, 4, 2), (32, 4, 1, 64, 4, 2),
-                 (16, 8, 1, 64, 4, 4), (32, 4, 1, 64, 4, 6)],
-    (2, True): [(16, 8, 1, 64, 4, 1), (32, 4, 1, 64, 4, 1), (32, 8, 1, 64, 8, 1, 128), (64, 4, 1, 64, 8, 1),
-                (16, 8, 1, 64, 4, 2)],
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _fm_configs(large: bool, elem_size: int = 4, split: Optional[int] = None, small_k: bool = False) -> List[dict]:
-    """The batched kernel's candidates; ``split`` pins SPLIT, ``small_k`` (k < 64) drops the split
-    entries (chunks of 16 would leave most splits empty, and an H200 run's autotuner, timing
-    them noisily, picked one at bf16 99% / batch 256: 13.0 us against 10.9 us unsplit)."""
-    table = _FM_CONFIGS[(2 if elem_size == 2 else 4, large)]  # fp64 uses the fp32 tiles
-    if small_k and split is None:
-        table = [t for t in table if t[5] == 1] or table
-    out, seen = [], set()
-    for a, b, r, c, w, sp, *reg in table:
-        cfg = dict(BLOCK_N=a, BLOCK_J=b, REP_B=r, SUB_B=c, SPLIT=sp if split is None else split, num_warps=w,
-                   num_stages=1)
-        if reg:
-            cfg["maxnreg"] = reg[0]
-        key = tuple(cfg.items())
-        if key not in seen:  # a pinned split can make two entries equal
-            seen.add(key)
-            out.append(cfg)
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _fm_key(large: bool, elem_size: int, split: Optional[int], small_k: bool) -> tuple:
-    """The config list of :func:`_fm_configs` as a hashable tuple (for :func:`_split_space`)."""
-    return tuple(tuple(sorted(c.items())) for c in _fm_configs(large, elem_size, split, small_k))
-
-
-def _split_space(n, B, configs: tuple) -> tuple:
-    """(workspace elements, counters) that the split batched kernel needs under any of ``configs``
-    (sorted item tuples); (0, 0) when none of them splits. Sizes may be symbolic (tracing)."""
-    ws = cnt = 0
-    for items in configs:
-        c = dict(items)
-        if c["SPLIT"] > 1:
-            tiles = cdiv(n, c["BLOCK_N"]) * cdiv(B, c["REP_B"] * c["SUB_B"])
-            ws = max(ws, tiles * c["SPLIT"] * c["REP_B"] * c["BLOCK_N"] * c["SUB_B"])
-            cnt = max(cnt, tiles)
-    return ws, cnt
-
-
-_split_space_cached = functools.lru_cache(maxsize=1024)(_split_space)
-
-
-# Small tiles for the interpreter: several programs and partial tiles even on tiny test shapes.
-_GEMV_DEFAULT = dict(BLOCK_B=2, BLOCK_N=4, BLOCK_K=8, num_warps=1, num_stages=1)
-_FM_DEFAULT = dict(BLOCK_N=8, BLOCK_J=4, REP_B=2, SUB_B=8, SPLIT=1, num_warps=4, num_stages=1)
 
 #: Per-device tile counters of the split batched kernel, kept zeroed by the kernel itself.
 _COUNTERS: Dict[torch.device, torch.Tensor] = {}
@@ -353,59 +234,20 @@ def _counters(device: torch.device, tiles: int, traced: bool) -> torch.Tensor:
     return buf
 
 
-def _buckets(B: int, k: int):
-    return min(_pow2(B), GEMV_MAX_BATCH), min(max(_pow2(k), 16), 512)
-
-
-def linear_configs(kernel: str, batch: int, k: int, dtype: torch.dtype = torch.float32) -> List[dict]:
-    """The autotune config list (as pinnable dicts) that ``kernel`` ("gemv" or "batched") uses at
-    this batch size, fan-in and dtype of x."""
-    if kernel == "gemv":
-        return [dict(c) for c in _gemv_configs(*_buckets(batch, k))]
-    if kernel == "batched":
-        return [dict(c) for c in _fm_configs(_pow2(batch) > _LARGE_BATCH, dtype.itemsize, None, k < 64)]
-    raise ValueError(f"kernel must be 'gemv' or 'batched', got {kernel!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=None):
-    """Shape / dtype / device checks shared by the launchers; errors name the faulty argument.
+    """The launchers' checks: :func:`.checks.check_linear_args`, plus what only the Triton kernels
+    need; errors name the faulty argument.
 
     ``fan_in``: the size the indices address (default: x's last dimension, which k must not
     exceed). int16 indices are rejected past ``INT16_MAX_FAN_IN``: the kernels sign-extend them."""
-    for name, t in (("x", x), ("values", values), ("indices", indices)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least one dimension (the fan-in)")
-    if values.dim() != 2 or tuple(indices.shape) != tuple(values.shape):
-        raise ValueError(f"{op}: values {tuple(values.shape)} and indices {tuple(indices.shape)} "
-                         "must both be [n, k]")
-    if x.dtype not in _FLOAT_DTYPES or values.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: x ({x.dtype}) and values ({values.dtype}) must be float16, bfloat16, "
-                        "float32 or float64")
-    if indices.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{op}: indices dtype {indices.dtype} must be int16 or int32")
-    if fan_in is None:
-        fan_in = x.shape[-1]
-        if values.shape[1] > fan_in:
-            raise ValueError(f"{op}: k = {values.shape[1]} exceeds x's fan-in {fan_in}")
+    check_linear_args(x, values, indices, bias, op, fan_in=fan_in)
+    fan_in = x.shape[-1] if fan_in is None else fan_in
     if indices.dtype == torch.int16 and fan_in > INT16_MAX_FAN_IN:
         raise ValueError(f"{op}: int16 indices cannot address a fan-in of {fan_in} (> {INT16_MAX_FAN_IN}): "
                          "use int32 indices")
-    devs = {("x", x.device), ("values", values.device), ("indices", indices.device)}
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (values.shape[0],):
-            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"{op}: bias must have shape ({values.shape[0]},), got {shape}")
-        if bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: bias dtype {bias.dtype} must be a float dtype")
-        devs.add(("bias", bias.device))
-    if len({d for _, d in devs}) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got "
-                         + ", ".join(f"{n}={d}" for n, d in sorted(devs, key=str)))
     if not _runs_here(x.device):
         raise RuntimeError(f"{op}: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            f"imported, for CPU tensors); x is on {x.device}")
@@ -413,43 +255,6 @@ def _check(x, values, indices, bias, out, op="condensed_linear_triton", fan_in=N
         want = (*x.shape[:-1], values.shape[0])
         if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
             raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {want} on {x.device}")
-
-
-def pad_fan_in(values: torch.Tensor, indices: torch.Tensor, multiple: int = 16):
-    """``(values, indices)`` with k padded to a multiple of ``multiple`` by (weight 0, index 0)
-    entries, contiguous: same results, and rows start 16-element aligned, so triton loads the
-    weights and indices of a row with vector loads (ld.global.v4 / v2 instead of scalar ones).
-    Meant for conversion time (a copy per call would cost more than it saves)."""
-    n, k = values.shape
-    kp = -(-k // multiple) * multiple
-    if kp == k and values.is_contiguous() and indices.is_contiguous():
-        return values, indices
-    v = values.new_zeros((n, kp))
-    i = indices.new_zeros((n, kp))
-    v[:, :k] = values
-    i[:, :k] = indices
-    return v, i
-
-
-def to_feature_major(x2: torch.Tensor):
-    """``(xt, Bp)``: a view or copy of ``x2 [B, in]`` as ``xt [in, >=B]`` with unit batch stride.
-
-    A copy pads the batch to ``Bp``, a multiple of 16, so every row of ``xt`` is aligned (triton
-    specialises strides divisible by 16, which lets it vectorise the gathers); the pad columns are
-    left uninitialised and never reach the output.
-    """
-    B, fan_in = x2.shape
-    if x2.stride(0) == 1 and B > 1:
-        return x2.t(), B
-    bp = (B + 15) // 16 * 16
-    xt = torch.empty((fan_in, bp), dtype=x2.dtype, device=x2.device)
-    if interpreting() and bp > B:
-        xt[:, B:].zero_()  # only silences numpy overflow warnings on garbage pads; a launch on GPU
-    bb, bi = 64, 64
-    grid = (cdiv(B, bb) * cdiv(fan_in, bi),)
-    launch(_to_feature_major_kernel, grid, x2, xt, B, fan_in, x2.stride(0), x2.stride(1), xt.stride(0),
-           WIDE=needs_int64(x2, xt), BLOCK_B=bb, BLOCK_I=bi, num_warps=4)
-    return xt, bp
 
 
 def condensed_linear_triton(
@@ -563,12 +368,6 @@ def _random_condensed(n: int, fan_in: int, k: int, dtype, device, index_dtype=to
     return vals, idx.to(index_dtype)
 
 
-def _max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    if ref.numel() == 0:
-        return 0.0
-    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 def _main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, fan_in = (768, 3072) if dev == "cuda" else (40, 96)
@@ -581,7 +380,7 @@ def _main() -> None:
             x = torch.randn(batch, fan_in, device=dev)
             y = condensed_linear_triton(x, vals, idx, bias)
             ref = condensed_linear_ref(x.double(), vals.double(), idx, bias.double())
-            err = _max_rel_err(y, ref)
+            err = relative_error(y, ref)
             line = f"sparsity {sparsity:.2f} batch {batch:5d}: max rel err {err:.1e}"
             if dev == "cuda":
                 w = vals.new_zeros(n, fan_in).scatter_(1, idx.long(), vals)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from .benchmark.weights import random_layer
+from .numerics import relative_error
 from .timing import cpu_model
 
 import torch
@@ -122,7 +123,7 @@ def _inspect_and_optimize(model, test_set, log) -> dict:
     with torch.no_grad():
         ref, got = model(x_all), opt(x_all)
     max_abs = float((ref - got).abs().max())
-    rel = max_abs / max(float(ref.abs().max()), 1e-30)
+    rel = relative_error(got, ref)
     same_pred = bool(torch.equal(ref.argmax(1), got.argmax(1)))
     acc_ref = float((ref.argmax(1) == y_all).float().mean())
     acc_opt = float((got.argmax(1) == y_all).float().mean())
@@ -144,7 +145,7 @@ def _inspect_and_optimize(model, test_set, log) -> dict:
     c_same = bool(torch.equal(ref.argmax(1), got_c.argmax(1)))
     c_forms = forced.sparse_compile_report.forms()
     log(f"mode='condensed' ({', '.join(f'{k}: {v}' for k, v in c_forms.items())}): max |difference| {c_abs:.2e} "
-        f"(relative {c_abs / max(float(ref.abs().max()), 1e-30):.2e}); "
+        f"(relative {relative_error(got_c, ref):.2e}); "
         f"identical predictions: {'yes' if c_same else 'NO'}")
     result.update(condensed_forms=c_forms, condensed_max_abs_diff=c_abs, condensed_identical_predictions=c_same)
     return result
@@ -170,7 +171,7 @@ def _time_vit_layer(sparsity: float, rounds: int, log) -> dict:
     }
     with torch.inference_mode():
         ref = fns["dense"]()
-        errs = {k: float((f() - ref).abs().max() / ref.abs().max()) for k, f in fns.items()}
+        errs = {k: relative_error(f(), ref) for k, f in fns.items()}
     us = time_forms(fns, rounds=rounds)
     k = values.shape[1]
     log(f"weight {weight.shape[0]}x{weight.shape[1]}, sparsity {1 - k / weight.shape[1]:.3f} (fan-in k={k}), "

@@ -26,8 +26,10 @@ from typing import Optional
 
 import torch
 
+from .kernels.checks import INDEX_DTYPES, VALUE_DTYPES  # the dtypes the kernels take
+
 __all__ = [
-    "LayerAnalysis",
+    "WeightAnalysis",
     "Condensed",
     "AblatedDense",
     "CSRForm",
@@ -41,9 +43,6 @@ __all__ = [
     "VALUE_DTYPES",
     "INDEX_DTYPES",
 ]
-
-VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int16, torch.int32)
 
 
 def _check_weight(weight: torch.Tensor, name: str) -> None:
@@ -92,8 +91,8 @@ def live_mask(weight: torch.Tensor, mask: Optional[torch.Tensor] = None, name: s
 
 
 @dataclass
-class LayerAnalysis:
-    """Sparsity structure of one weight (see :func:`analyze`)."""
+class WeightAnalysis:
+    """Sparsity structure of one sparse weight: fan-in per neuron, active rows (see :func:`analyze`)."""
 
     name: str
     shape: tuple
@@ -148,12 +147,21 @@ class LayerAnalysis:
         return self.fan_in_max if self.constant_fan_in else None
 
 
-def analyze(weight: torch.Tensor, mask: Optional[torch.Tensor] = None, name: str = "weight") -> LayerAnalysis:
+def __getattr__(name: str):
+    # LayerAnalysis was its name in 0.1.0; `formats` is a public module, so outside code may import it.
+    if name == "LayerAnalysis":
+        warnings.warn("sparse_compile.formats.LayerAnalysis is renamed WeightAnalysis; the old name will be "
+                      "removed in a later release", DeprecationWarning, stacklevel=2)
+        return WeightAnalysis
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def analyze(weight: torch.Tensor, mask: Optional[torch.Tensor] = None, name: str = "weight") -> WeightAnalysis:
     """Per-neuron fan-in, active / ablated neurons and sparsity of a Linear or Conv weight."""
     live = _rows(live_mask(weight, mask, name))
     fan_in = live.sum(dim=1).to(torch.int64).cpu()
     active = torch.nonzero(fan_in > 0).flatten()
-    return LayerAnalysis(
+    return WeightAnalysis(
         name=name,
         shape=tuple(weight.shape),
         fan_in_dense=int(live.shape[1]),

@@ -154,3 +154,12 @@ def test_validation_names_layer_and_fault(mutate, match):
 def test_mask_shape_mismatch():
     with pytest.raises(ValueError, match="mask shape"):
         F.analyze(torch.ones(3, 4), torch.ones(4, 3, dtype=torch.bool), name="x")
+
+
+def test_old_analysis_name_still_imports_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="WeightAnalysis"):
+        old = F.LayerAnalysis
+    assert old is F.WeightAnalysis
+    assert isinstance(F.analyze(torch.ones(3, 4)), old)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        F.no_such_name

@@ -41,11 +41,11 @@ from torch import nn
 
 from ..formats import analyze, get_mask
 
-__all__ = ["LayerFlops", "FlopReport", "flops", "TrainingFlops", "training_flops"]
+__all__ = ["FlopCount", "FlopReport", "flops", "TrainingFlops", "training_flops"]
 
 
 @dataclass
-class LayerFlops:
+class FlopCount:
     """Multiply-adds of one layer for one forward pass (see the module docstring)."""
 
     name: str
@@ -66,7 +66,7 @@ class LayerFlops:
 
 
 class FlopReport(list):
-    """A list of :class:`LayerFlops` with totals; prints as a table, serialises with ``to_dict``."""
+    """A list of :class:`FlopCount` with totals; prints as a table, serialises with ``to_dict``."""
 
     def __init__(self, layers=(), input_shape=(), trace_error: str = ""):
         super().__init__(layers)
@@ -202,13 +202,13 @@ def _active_inputs(m: nn.Module, producer: Optional[nn.Module], fan_in_dense: in
 
 
 def _layer(name: str, kind: str, weight: torch.Tensor, mask, row_positions: torch.Tensor,
-           active_inputs: int, inputs: str) -> LayerFlops:
+           active_inputs: int, inputs: str) -> FlopCount:
     """Counts for a weight whose row ``i`` runs at ``row_positions[i]`` output positions."""
     info = analyze(weight.detach(), mask, name)
     pos = row_positions.to(torch.int64)
     act = info.active_rows
     k = info.fan_in_max
-    return LayerFlops(
+    return FlopCount(
         name=name, kind=kind, shape=tuple(weight.shape), positions=int(pos.max()) if pos.numel() else 0,
         fan_in_dense=info.fan_in_dense, nnz=info.nnz, n_active=info.n_active, k=k,
         constant_fan_in=info.constant_fan_in, active_inputs=active_inputs, inputs=inputs,

@@ -12,8 +12,8 @@ from ..formats import analyze, get_mask, index_dtype_for
 
 
 @dataclass
-class LayerRecord:
-    """Sparsity structure of one layer, as reported by :func:`inspect`."""
+class InspectRow:
+    """One row of :func:`inspect`'s report: one layer's sparsity structure as plain JSON-ready figures."""
 
     name: str
     kind: str  # "linear" or "conv2d"
@@ -29,7 +29,7 @@ class LayerRecord:
 
 
 class InspectReport(list):
-    """A list of :class:`LayerRecord` that prints as a table and serialises with ``to_dict``."""
+    """A list of :class:`InspectRow` that prints as a table and serialises with ``to_dict``."""
 
     @property
     def sparsity(self) -> float:
@@ -77,11 +77,11 @@ class InspectReport(list):
     __repr__ = __str__
 
 
-def _record(name: str, weight: torch.Tensor, mask) -> LayerRecord:
+def _record(name: str, weight: torch.Tensor, mask) -> InspectRow:
     info = analyze(weight, mask, name)
     k = info.fan_in_max
     idx_bytes = torch.tensor([], dtype=index_dtype_for(info.fan_in_dense)).element_size()
-    return LayerRecord(
+    return InspectRow(
         name=name,
         kind="linear" if weight.dim() == 2 else "conv2d",
         shape=tuple(weight.shape),

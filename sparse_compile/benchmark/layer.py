@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import numerics
 from ..timing import num_threads, time_fn
 from .results import FORMS, _condensed_impl, add_speedups, machine_info
-from .weights import LayerWeights, checkpoint_layer, parse_shape, random_layer
+from .weights import BenchWeights, checkpoint_layer, parse_shape, random_layer
 
 
 DEFAULT_LAYERS = ("768x3072", "3072x768")
@@ -140,7 +141,7 @@ def _deepsparse_engine_fn(w: Tensor, b: Optional[Tensor], threads: Optional[int]
     return fn, f"deepsparse {deepsparse.__version__}"
 
 
-def build_form(form: str, lw: LayerWeights, device="cpu", dtype=torch.float32,
+def build_form(form: str, lw: BenchWeights, device="cpu", dtype=torch.float32,
                threads: Optional[int] = None, seed: int = 0) -> Form:
     """Build ``form`` (one of :data:`FORMS`) of the layer on ``device`` in ``dtype``.
 
@@ -246,14 +247,14 @@ def tolerance(dtype) -> float:
 
 
 def relative_error(y: Tensor, ref: Tensor) -> float:
-    """``max|y - ref| / max|ref|`` in float64 (inf when shapes differ or ``y`` has NaNs)."""
+    """:func:`sparse_compile.numerics.relative_error` of a form's output, ``inf`` when its shape is wrong.
+
+    A form that returns the wrong shape is a wrong answer to record in its row, not an error to raise
+    (the shared function raises on a shape mismatch).
+    """
     if tuple(y.shape) != tuple(ref.shape):
         return float("inf")
-    y = y.detach().to("cpu", torch.float64)
-    err = (y - ref).abs().max().item() if y.numel() else 0.0
-    if math.isnan(err):
-        return float("inf")
-    return err / max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
+    return numerics.relative_error(y, ref)
 
 
 @dataclass

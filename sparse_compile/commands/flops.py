@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..train.budgets import DISTRIBUTIONS
+
 # Appendix D.2, ResNet-50 on ImageNet: 256,000 steps of batch 512, delta_t = 800, dense gradients
 # averaged over 8 mini-batches, topology frozen after 75% of training.
 PAPER_STEPS, PAPER_DELTA_T, PAPER_ACCUM, PAPER_T_END = 256_000, 800, 8, 0.75
@@ -17,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", help="state dict with <layer>.weight_mask buffers; default: random masks")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99],
                    help="global sparsities of the random constant fan-in masks (default 0.8 0.9 0.95 0.99)")
-    p.add_argument("--distribution", choices=("erk", "uniform"), default="erk", help="layer-wise sparsity (default erk)")
+    p.add_argument("--distribution", choices=DISTRIBUTIONS, default="erk", help="layer-wise sparsity (default erk)")
     p.add_argument("--dense-first", action="store_true",
                    help="keep the first Linear/Conv2d dense (RigL's setting at 99%%; off in SRigL's reference code)")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the counted forward pass (default 1)")
@@ -45,42 +47,28 @@ def apply_random_masks(model, sparsity: float, distribution: str = "erk", dense_
     budgets). Returns ``(densities, achieved global sparsity)``."""
     import torch
 
-    from ..train.budgets import achieved_sparsity, constant_fan_in, fan_in_dense, layer_densities, random_constant_fan_in_mask
+    from ..benchmark.weights import srigl_like_mask
+    from ..train.budgets import achieved_sparsity, layer_budgets, layer_densities
 
     layers = sparse_layers(model)
     shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
     dense = [next(iter(layers))] if dense_first else []
     dens = layer_densities(shapes, sparsity, distribution=distribution, dense=dense)
+    budgets = layer_budgets(shapes, dens)
     g = torch.Generator().manual_seed(seed)
     for n, m in layers.items():
-        k = constant_fan_in(dens[n], fan_in_dense(shapes[n]))
-        mask = random_constant_fan_in_mask(shapes[n], k, generator=g, device=m.weight.device)
-        if "weight_mask" in m._buffers:
-            m.weight_mask = mask
-        else:
-            m.register_buffer("weight_mask", mask)
+        mask = srigl_like_mask(shapes[n], budgets[n], generator=g).to(m.weight.device)
+        m.register_buffer("weight_mask", mask)  # replaces a mask the model already has
     return dens, achieved_sparsity(shapes, dens)
 
 
 def _load_checkpoint(model, path) -> float:
-    """Load a state dict (masks included) into ``model``; returns the global sparsity of the masks."""
-    import torch
-
-    from ..checkpoint import load_state_dict
+    """Load a checkpoint (masks included) into ``model``; returns the global sparsity of its masks."""
+    from ..checkpoint import load_checkpoint
     from ..formats import analyze, get_mask
 
-    sd = load_state_dict(path)
-    layers = sparse_layers(model)
-    for key, t in sd.items():
-        if key.endswith(".weight_mask"):
-            name = key[: -len(".weight_mask")]
-            if name not in layers:
-                raise ValueError(f"{path}: mask {key!r} names no Linear/Conv2d layer of the model")
-            layers[name].register_buffer("weight_mask", torch.zeros_like(t, dtype=torch.bool))
-    _, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: keys the model does not have: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    infos = [analyze(m.weight, get_mask(m), n) for n, m in layers.items()]
+    load_checkpoint(model, path)
+    infos = [analyze(m.weight, get_mask(m), n) for n, m in sparse_layers(model).items()]
     return 1.0 - sum(i.nnz for i in infos) / sum(i.numel for i in infos)
 
 

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..kernels import validate as _validate
+from ..kernels.checks import conv_out_hw, pair as _pair
+from ..kernels.ops import csr_mm  # the op lives with the other op schemas
 
 __all__ = [
     "StructuredLinear",
@@ -44,10 +46,6 @@ __all__ = [
 
 def _param(t: Tensor, requires_grad: bool = False) -> nn.Parameter:
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=requires_grad)
-
-
-def _pair(v) -> tuple:
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(e) for e in v)
 
 
 class StructuredLinear(nn.Linear):
@@ -159,30 +157,6 @@ class CondensedConv2d(_CondensedWeights):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, k={self.k}")
 
 
-def csr_mm(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
-    """``W @ x`` for the CSR matrix ``W [len(crow)-1, n_cols]`` given by its three arrays, ``x [n_cols, m]``."""
-    # Invariants were checked when the module was built (and on load): skip re-checking per call.
-    w = torch.sparse_csr_tensor(crow_indices, col_indices, values, (crow_indices.numel() - 1, n_cols),
-                                dtype=values.dtype, device=values.device, check_invariants=False)
-    return torch.mm(w, x)
-
-
-@torch.library.custom_op("sparse_compile::csr_mm", mutates_args=())
-def _csr_mm_op(crow_indices: Tensor, col_indices: Tensor, values: Tensor, n_cols: int, x: Tensor) -> Tensor:
-    """:func:`csr_mm` as an op over plain tensors, so that ``torch.compile(fullgraph=True)`` and
-    ``torch.export`` (which do not take sparse tensors) keep it as one opaque call."""
-    # csr_mm skips torch's invariant checks: a direct call must not hand it arbitrary arrays.
-    _validate.check_csr(crow_indices, col_indices, values, n_cols)
-    if x.dim() != 2 or x.shape[0] != n_cols:
-        raise ValueError(f"csr_mm: x must be [{n_cols}, m], got shape {tuple(x.shape)}")
-    return csr_mm(crow_indices, col_indices, values, n_cols, x)
-
-
-@_csr_mm_op.register_fake
-def _csr_mm_fake(crow_indices, col_indices, values, n_cols, x):
-    return x.new_empty((crow_indices.shape[0] - 1, x.shape[1]))
-
-
 def _tracing() -> bool:
     """True under torch.compile / export or a dispatch mode (e.g. fake tensors)."""
     if torch.compiler.is_compiling():
@@ -254,9 +228,7 @@ class CSRConv2d(_CSRBase):
 
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        kh, kw = self.kernel_size
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        ho, wo = conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, F, L]
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [F, N*L]
         y = self._mm(cols).reshape(self.out_channels, n, ho * wo).transpose(0, 1)

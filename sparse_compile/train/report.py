@@ -1,4 +1,4 @@
-"""What a sparse training run looks like now: :class:`SparsityReport`, one :class:`LayerStats` per layer."""
+"""What a sparse training run looks like now: :class:`SparsityReport`, one :class:`MaskStats` per layer."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,9 @@ from typing import Optional
 
 
 @dataclass
-class LayerStats:
-    """One layer of a :class:`SparsityReport`."""
+class MaskStats:
+    """One layer's row of a :class:`SparsityReport`: its mask now (fan-in, budget, ablation) and its
+    topology updates so far (drop fraction, ITOP)."""
 
     name: str
     kind: str  # "linear", "conv2d" or "param"
@@ -52,7 +53,7 @@ class SparsityReport:
     itop: float
     active: int
     ablated: int
-    layers: list = field(default_factory=list)  # [LayerStats]
+    layers: list = field(default_factory=list)  # [MaskStats]
     skipped: dict = field(default_factory=dict)  # layer -> why it is dense and outside the budget
     history: list = field(default_factory=list)
 

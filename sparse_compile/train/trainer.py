@@ -40,11 +40,11 @@ from .budgets import DISTRIBUTIONS, fan_in_dense, layer_budgets, layer_densities
 from .discovery import Discovery, Target, discover
 from .distributed import masks_from_rank0, sum_over_ranks_, world_size
 from .layers import _check_frac, _check_int, _Layer, _nnz, _row_nnz, _zero_outside
-from .report import LayerStats, SparsityReport
+from .report import MaskStats, SparsityReport
 from .state_checks import validate_state
 
 
-__all__ = ["SparseTrainer", "SparsityReport", "LayerStats"]
+__all__ = ["SparseTrainer", "SparsityReport", "MaskStats"]
 
 _STATE_VERSION = 1
 
@@ -400,13 +400,13 @@ class SparseTrainer:
             fd = fan_in_dense(shape)
             layer = by_name.get(t.name)
             if layer is None:
-                recs.append(LayerStats(t.name, kind, shape, fd, fd, fd, shape[0], 0, math.prod(shape),
+                recs.append(MaskStats(t.name, kind, shape, fd, fd, fd, shape[0], 0, math.prod(shape),
                                        math.prod(shape), 0.0, 0.0, 1.0, t.head, True))
                 continue
             fan = _row_nnz(layer.mask).cpu()
             act = fan[fan > 0]
             nnz = int(fan.sum())
-            recs.append(LayerStats(
+            recs.append(MaskStats(
                 t.name, kind, shape, fd, int(act.min()) if act.numel() else 0, int(act.max()) if act.numel() else 0,
                 int(act.numel()), layer.out - int(act.numel()), nnz, layer.budget, 1.0 - nnz / math.prod(shape),
                 layer.last_drop, itops[t.name], t.head, False,

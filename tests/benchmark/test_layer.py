@@ -142,6 +142,23 @@ def test_random_layer_has_srigl_statistics():
     assert live.std().item() == pytest.approx(math.sqrt(2 / a.k), rel=0.1)
 
 
+def test_srigl_like_mask_spreads_the_budget_over_active_neurons():
+    from sparse_compile.benchmark.weights import srigl_like_mask
+    from sparse_compile.formats import analyze
+
+    shape = (12, 4, 3, 3)  # a conv weight: fan-in 36
+    mask = srigl_like_mask(shape, budget=12 * 5, n_ablated=4, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    a = analyze(torch.ones(shape), mask)
+    assert a.n_ablated == 4 and a.constant_fan_in and a.k == (12 * 5) // 8
+    again = srigl_like_mask(shape, budget=12 * 5, n_ablated=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+    full = srigl_like_mask((3, 4), budget=100)  # more budget than the layer holds: dense rows
+    assert full.all()
+    with pytest.raises(ValueError, match="n_ablated"):
+        srigl_like_mask((3, 4), budget=6, n_ablated=3)
+
+
 def test_checkpoint_layer(tmp_path):
     from safetensors.torch import save_file
 

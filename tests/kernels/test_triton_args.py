@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from sparse_compile.kernels import triton_conv as tconv
 from sparse_compile.kernels import triton_launch as tlaunch
+from sparse_compile.kernels import triton_layout as tlayout
 from sparse_compile.kernels import triton_linear as tlin
 from sparse_compile.kernels.reference import condensed_conv2d_ref
 
@@ -142,7 +143,7 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch, which):
 
     monkeypatch.setattr(tlin, "device_guard", guard)
     monkeypatch.setattr(tconv, "device_guard", guard)
-    monkeypatch.setattr(tlin, "launch", checked_launch)  # the transpose
+    monkeypatch.setattr(tlayout, "launch", checked_launch)  # the transpose
     monkeypatch.setattr(tlaunch, "launch", checked_launch)  # run_kernel's launches
     if which == "conv":
         vals, idx = rand_condensed(4, 18, 5)
