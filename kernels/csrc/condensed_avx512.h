@@ -4,11 +4,16 @@
 //
 // Feature-major, as the AVX2 kernel: x is transposed once into column blocks xT [nblk, in, W]
 // (zero-padded), and every fan-in entry (i, j) of neuron i adds vals[i, j] * xT[idx[i, j], 0:W]
-// to a register accumulator of W columns. Per entry the kernel loads one gathered row of W
-// columns: the rows come from L2 (a block is in * W * 4 bytes), and that load bandwidth, not the
-// FMA rate, is the limit (measured on a Zen 4 EPYC: ~30 GMAC/s fp32 at in = 768, one core).
-// Splitting the fan-in into L1-sized bands was measured slower (the per-(neuron, band) segments
-// average ~10 entries, and their loop exits and accumulator reloads cost more than L2 did).
+// to register accumulators of W columns. Each entry reads one gathered row of W columns (4 bytes
+// of x per multiply-add, no reuse in registers: neurons share few indices), so the load ports and
+// the L2 -> L1 fill, not the FMA rate, bound the fp32 kernel (see fm_f32). Tried on a Zen 4 EPYC
+// and measured slower, so not kept: L1-sized bands over the fan-in (8-16-column blocks with
+// 256-768-feature bands, per-(neuron, band) segments of 26-77 entries, found per call from the
+// sorted indices; also with the segments repacked band-major, padded to whole groups of 8 and
+// sorted by length so the loop exits are predicted): the repacking (0.2-0.6 ms per call at
+// ViT's shapes) and the per-segment exits cost more than the L2 reads they save; 8-column ymm
+// blocks that fit L1 whole (front-end bound at 8 multiply-adds per entry); 512-bit vpermps
+// broadcasts; 32-column blocks with the new loop.
 //
 // bf16 (SC_BF16DP): xT holds bf16, so a gathered row of 32 columns is one 64-byte load, and two
 // fan-in entries are combined per VDPBF16PS: rows a = xT[idx[j]] and b = xT[idx[j + 1]] are
@@ -26,26 +31,6 @@
 namespace sc512 {
 
 constexpr int kTile = 16;  // neurons per output tile: one 64-byte line per output row
-
-// 8 x 8 float transpose: r[e] = column e of v.
-inline void transpose8(const __m256 (&v)[8], __m256 (&r)[8]) {
-  const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
-  const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
-  const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
-  const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
-  const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
-  const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
-  const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
-  const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(b0, b4, 0x20);
-  r[1] = _mm256_permute2f128_ps(b1, b5, 0x20);
-  r[2] = _mm256_permute2f128_ps(b2, b6, 0x20);
-  r[3] = _mm256_permute2f128_ps(b3, b7, 0x20);
-  r[4] = _mm256_permute2f128_ps(b0, b4, 0x31);
-  r[5] = _mm256_permute2f128_ps(b1, b5, 0x31);
-  r[6] = _mm256_permute2f128_ps(b2, b6, 0x31);
-  r[7] = _mm256_permute2f128_ps(b3, b7, 0x31);
-}
 
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 #if SC_BF16DP
@@ -135,7 +120,8 @@ void fm_f32(const float* xT, int64_t in, int64_t B, const V* vals, const I* idx,
   const int64_t nblk = (B + W - 1) / W;
   __m256i sel[8];
   for (int e = 0; e < 8; ++e) sel[e] = _mm256_set1_epi32(e);
-  for_tiles(nblk, in * W * 4, k * int64_t(sizeof(V) + sizeof(I)), i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
+  const int64_t entry_bytes = sizeof(V) + sizeof(I);
+  for_tiles(nblk, in * W * 4, k * entry_bytes, i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
     const float* base = xT + blk * in * W;
     const int64_t cols = std::min<int64_t>(W, B - blk * W);
     for (int64_t q = 0; q < nq; ++q) {
@@ -186,43 +172,26 @@ void fm_f32(const float* xT, int64_t in, int64_t B, const V* vals, const I* idx,
 #if SC_BF16DP
 constexpr int kBfW = 32;  // bf16 column block: one 64-byte row per fan-in entry
 
-// x bf16 [B, in] (row stride ldx) -> xT [ceil(B / 32), in, 32] bf16, zero-padded; 8 x 8 16-bit
-// transposes in SSE registers.
-inline void to_column_blocks_bf16(const uint16_t* x, int64_t ldx, int64_t B, int64_t in,
-                                  uint16_t* xT) {
-  constexpr int64_t W = kBfW;
-  const int64_t nblk = (B + W - 1) / W, in8 = in / 8 * 8;
-  at::parallel_for(0, nblk * (W / 8), std::max<int64_t>(1, 4096 / std::max<int64_t>(1, in)),
-                   [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t blk = t / (W / 8), c0 = t % (W / 8) * 8, row0 = blk * W + c0;
-      const int64_t nrows = std::clamp<int64_t>(B - row0, 0, 8);
-      uint16_t* dst = xT + blk * in * W + c0;
-      int64_t r = 0;
-      for (; r < in8; r += 8) {
-        __m128i v[8];
-        for (int q = 0; q < 8; ++q)
-          v[q] = q < nrows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (row0 + q) * ldx + r))
-                           : _mm_setzero_si128();
-        const __m128i a0 = _mm_unpacklo_epi16(v[0], v[1]), a1 = _mm_unpackhi_epi16(v[0], v[1]);
-        const __m128i a2 = _mm_unpacklo_epi16(v[2], v[3]), a3 = _mm_unpackhi_epi16(v[2], v[3]);
-        const __m128i a4 = _mm_unpacklo_epi16(v[4], v[5]), a5 = _mm_unpackhi_epi16(v[4], v[5]);
-        const __m128i a6 = _mm_unpacklo_epi16(v[6], v[7]), a7 = _mm_unpackhi_epi16(v[6], v[7]);
-        const __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
-        const __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
-        const __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
-        const __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
-        const __m128i c[8] = {_mm_unpacklo_epi64(b0, b4), _mm_unpackhi_epi64(b0, b4),
-                              _mm_unpacklo_epi64(b1, b5), _mm_unpackhi_epi64(b1, b5),
-                              _mm_unpacklo_epi64(b2, b6), _mm_unpackhi_epi64(b2, b6),
-                              _mm_unpacklo_epi64(b3, b7), _mm_unpackhi_epi64(b3, b7)};
-        for (int e = 0; e < 8; ++e)
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (r + e) * W), c[e]);
-      }
-      for (; r < in; ++r)
-        for (int64_t q = 0; q < 8; ++q) dst[r * W + q] = q < nrows ? x[(row0 + q) * ldx + r] : 0;
-    }
-  });
+// The 8 x 8 tile of to_column_blocks for bf16 (as raw 16-bit words): rows s + q * ld (q < nrows,
+// zeros past them), features 0..7 -> d + e * W, in SSE registers.
+inline void tile8_bf16(const uint16_t* s, int64_t ld, int64_t nrows, uint16_t* d, int64_t W) {
+  __m128i v[8];
+  for (int q = 0; q < 8; ++q)
+    v[q] = q < nrows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + q * ld))
+                     : _mm_setzero_si128();
+  const __m128i a0 = _mm_unpacklo_epi16(v[0], v[1]), a1 = _mm_unpackhi_epi16(v[0], v[1]);
+  const __m128i a2 = _mm_unpacklo_epi16(v[2], v[3]), a3 = _mm_unpackhi_epi16(v[2], v[3]);
+  const __m128i a4 = _mm_unpacklo_epi16(v[4], v[5]), a5 = _mm_unpackhi_epi16(v[4], v[5]);
+  const __m128i a6 = _mm_unpacklo_epi16(v[6], v[7]), a7 = _mm_unpackhi_epi16(v[6], v[7]);
+  const __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
+  const __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
+  const __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
+  const __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
+  const __m128i c[8] = {_mm_unpacklo_epi64(b0, b4), _mm_unpackhi_epi64(b0, b4),
+                        _mm_unpacklo_epi64(b1, b5), _mm_unpackhi_epi64(b1, b5),
+                        _mm_unpacklo_epi64(b2, b6), _mm_unpackhi_epi64(b2, b6),
+                        _mm_unpacklo_epi64(b3, b7), _mm_unpackhi_epi64(b3, b7)};
+  for (int e = 0; e < 8; ++e) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + e * W), c[e]);
 }
 
 // bf16 x and values, fp32 accumulation: xT [nblk, in, 32] bf16, neurons [i0, i1).
