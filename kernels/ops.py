@@ -37,7 +37,8 @@ _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int16, torch.int32)
 
 # ---------------------------------------------------------------------------------------------
-# Private C++ CPU ops: schema + fake here, CPU kernels registered by kernels/csrc/condensed_cpu.cpp.
+# Private C++ CPU ops: schema + fake here, CPU kernels registered by kernels/csrc/condensed_cpu.cpp
+# (linear) and kernels/csrc/condensed_conv_cpu.cpp (conv2d).
 # ---------------------------------------------------------------------------------------------
 _lib = torch.library.Library("sparse_compile", "FRAGMENT")
 _lib.define("_condensed_linear_cpu(Tensor x, Tensor values, Tensor indices, Tensor? bias) -> Tensor")
