@@ -192,12 +192,16 @@ void linear_f32(const at::Tensor& x2, const V* vals, const I* idx, int64_t n, in
     // 16 columns per block (one 64-byte row per fan-in entry); measured at 197 rows, 90%: ahead
     // of the former 32-column blocks at in = 768 too (their rows come from L2 at twice the size).
     constexpr int64_t W = sc512::kF32W;
-    const int64_t nblk = (B + W - 1) / W;
-    at::Tensor xT = at::empty({nblk, in, W}, x2.options());
-    to_column_blocks(x2.data_ptr<float>(), x2.stride(0), B, in, W, xT.data_ptr<float>(), tile8_f32);
-    const float* xp = xT.data_ptr<float>();
+    const float* xr = x2.data_ptr<float>();
+    const int64_t ldx = x2.stride(0);
+    at::Tensor xT;
+    if (!sc512::transpose_per_thread(in, n, k, at::get_num_threads())) {
+      xT = at::empty({(B + W - 1) / W, in, W}, x2.options());
+      to_column_blocks(xr, ldx, B, in, W, xT.data_ptr<float>(), tile8_f32);
+    }
+    const float* xp = xT.defined() ? xT.data_ptr<float>() : nullptr;
     at::parallel_for(0, n, grain_for(k * B), [&](int64_t i0, int64_t i1) {
-      sc512::fm_f32(xp, in, B, vals, idx, k, i0, i1, bias, out, n);
+      sc512::fm_f32(xp, xp ? nullptr : xr, ldx, in, B, vals, idx, k, i0, i1, bias, out, n);
     });
     return;
   }

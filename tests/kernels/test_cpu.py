@@ -171,6 +171,24 @@ def test_thread_count_does_not_change_results():
         assert torch.equal(a, b)
 
 
+def test_per_thread_and_shared_transpose_of_x_agree():
+    # The avx512 fp32 kernel (>= 17 rows) transposes x per thread while threads^2 * fan_in * 4 <=
+    # n * k, else once for all threads: 64 x 100 with k = 10 takes the first at 1 thread, the second
+    # at 2. Same sums in the same order, so the outputs are identical (and right).
+    values, idx = _layer(64, 100, 10, torch.float32, torch.int16, seed=7)
+    x, b = torch.randn(40, 100), torch.randn(64)
+    prev = torch.get_num_threads()
+    try:
+        res = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            res.append(_cpp_linear(x, values, idx, b))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(res[0], res[1])
+    assert _rel_err(res[0], condensed_linear_ref(x.double(), values.double(), idx, b.double())) < 1e-5
+
+
 def test_empty_and_zero_k():
     values, idx = _layer(5, 10, 3, torch.float32, torch.int16, seed=0)
     assert _cpp_linear(torch.randn(0, 10), values, idx, None).shape == (0, 5)
