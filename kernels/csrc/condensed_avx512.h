@@ -2,15 +2,16 @@
 // SC_AVX512 / SC_BF16DP from the compiler's target macros; the avx512 and avx512bf16 builds of
 // kernels/cpu.py turn them on).
 //
-// Feature-major, as the AVX2 kernel: x is transposed once into column blocks xT [nblk, in, W]
-// (zero-padded), and every fan-in entry (i, j) of neuron i adds vals[i, j] * xT[idx[i, j], 0:W]
-// to register accumulators of W columns. Each entry reads one gathered row of W columns (4 bytes
+// Feature-major, as the AVX2 kernel: x is transposed into column blocks xT [nblk, in, W]
+// (zero-padded; fp32: per thread, one group of blocks at a time, see transpose_per_thread), and
+// every fan-in entry (i, j) of neuron i adds vals[i, j] * xT[idx[i, j], 0:W] to register
+// accumulators of W columns. Each entry reads one gathered row of W columns (4 bytes
 // of x per multiply-add, no reuse in registers: neurons share few indices), so the load ports and
 // the L2 -> L1 fill, not the FMA rate, bound the fp32 kernel (see fm_f32). Tried on a Zen 4 EPYC
 // and measured slower, so not kept: L1-sized bands over the fan-in (8-16-column blocks with
 // 256-768-feature bands, per-(neuron, band) segments of 26-77 entries, found per call from the
 // sorted indices; also with the segments repacked band-major, padded to whole groups of 8 and
-// sorted by length so the loop exits are predicted): the repacking (0.2-0.6 ms per call at
+// sorted by length so the loop exits are predicted): the repacking (0.2-0.65 ms per call at
 // ViT's shapes) and the per-segment exits cost more than the L2 reads they save; 8-column ymm
 // blocks that fit L1 whole (front-end bound at 8 multiply-adds per entry); 512-bit vpermps
 // broadcasts; 32-column blocks with the new loop.
