@@ -1,7 +1,9 @@
-"""Build (on first use) and load the C++ CPU kernels in ``csrc/condensed_cpu.cpp``.
+"""Build (on first use) and load the C++ CPU kernels in ``csrc/``.
 
-The library registers CPU kernels for ``sparse_compile::_condensed_linear_cpu`` and
-``_condensed_conv2d_cpu`` (schemas are defined in ``ops.py``). It is compiled with
+The library registers CPU kernels for ``sparse_compile::_condensed_linear_cpu``
+(``csrc/condensed_cpu.cpp``, with the AVX-512 kernels of ``condensed_avx512.h``) and
+``_condensed_conv2d_cpu`` (``csrc/condensed_conv_cpu.cpp``), which share ``condensed_kernels.h``
+(schemas are defined in ``ops.py``). It is compiled with
 ``torch.utils.cpp_extension.load`` into the default torch_extensions cache, so the build happens
 once per machine (measured on the 2-core dev box: 21-31 s wall, ~17 s of CPU) and later
 processes only load the ``.so`` (~0.1 s). Set ``SPARSE_COMPILE_NO_CPP=1`` to skip it. When the
@@ -28,7 +30,9 @@ import torch
 
 __all__ = ["load", "is_loaded", "build_info", "supported_isas", "selected_isa", "cpu_flags", "ISAS"]
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "condensed_cpu.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+#: Translation units of the library (the headers they include are hashed by ``_src_hash``).
+_SOURCES = [os.path.join(_CSRC, name) for name in ("condensed_cpu.cpp", "condensed_conv_cpu.cpp")]
 _lock = threading.Lock()
 _state = {"tried": False, "loaded": False, "seconds": None, "error": None, "flags": None, "isa": None}
 
@@ -109,9 +113,9 @@ def _src_hash() -> str:
     # The headers are not among cpp_extension's hashed sources: their hash in a define makes an
     # edited header rebuild the library.
     h = hashlib.sha1()
-    for name in sorted(os.listdir(os.path.dirname(_SRC))):
+    for name in sorted(os.listdir(_CSRC)):
         if name.endswith((".cpp", ".h")):
-            with open(os.path.join(os.path.dirname(_SRC), name), "rb") as f:
+            with open(os.path.join(_CSRC, name), "rb") as f:
                 h.update(f.read())
     return h.hexdigest()[:12]
 
@@ -139,7 +143,7 @@ def _build(isa: str, flags: list) -> None:
     tv = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
     _cpp_load(
         name=f"sparse_compile_condensed_cpu_{isa}_torch{tv}",
-        sources=[_SRC],
+        sources=list(_SOURCES),
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,

@@ -35,7 +35,8 @@ from .reference import condensed_conv2d_ref, condensed_linear_ref, dense_weight
 __all__ = ["condensed_linear", "condensed_conv2d", "csr_mm", "check_linear_args", "check_conv2d_args"]
 
 # ---------------------------------------------------------------------------------------------
-# Private C++ CPU ops: schema + fake here, CPU kernels registered by kernels/csrc/condensed_cpu.cpp.
+# Private C++ CPU ops: schema + fake here, CPU kernels registered by kernels/csrc/condensed_cpu.cpp
+# (linear) and kernels/csrc/condensed_conv_cpu.cpp (conv2d).
 # ---------------------------------------------------------------------------------------------
 _lib = torch.library.Library("sparse_compile", "FRAGMENT")
 _lib.define("_condensed_linear_cpu(Tensor x, Tensor values, Tensor indices, Tensor? bias) -> Tensor")

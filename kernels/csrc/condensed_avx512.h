@@ -2,13 +2,19 @@
 // SC_AVX512 / SC_BF16DP from the compiler's target macros; the avx512 and avx512bf16 builds of
 // kernels/cpu.py turn them on).
 //
-// Feature-major, as the AVX2 kernel: x is transposed once into column blocks xT [nblk, in, W]
-// (zero-padded), and every fan-in entry (i, j) of neuron i adds vals[i, j] * xT[idx[i, j], 0:W]
-// to a register accumulator of W columns. Per entry the kernel loads one gathered row of W
-// columns: the rows come from L2 (a block is in * W * 4 bytes), and that load bandwidth, not the
-// FMA rate, is the limit (measured on a Zen 4 EPYC: ~30 GMAC/s fp32 at in = 768, one core).
-// Splitting the fan-in into L1-sized bands was measured slower (the per-(neuron, band) segments
-// average ~10 entries, and their loop exits and accumulator reloads cost more than L2 did).
+// Feature-major, as the AVX2 kernel: x is transposed into column blocks xT [nblk, in, W]
+// (zero-padded; fp32: per thread, one group of blocks at a time, see transpose_per_thread), and
+// every fan-in entry (i, j) of neuron i adds vals[i, j] * xT[idx[i, j], 0:W] to register
+// accumulators of W columns. Each entry reads one gathered row of W columns (4 bytes
+// of x per multiply-add, no reuse in registers: neurons share few indices), so the load ports and
+// the L2 -> L1 fill, not the FMA rate, bound the fp32 kernel (see fm_f32). Tried on a Zen 4 EPYC
+// and measured slower, so not kept: L1-sized bands over the fan-in (8-16-column blocks with
+// 256-768-feature bands, per-(neuron, band) segments of 26-77 entries, found per call from the
+// sorted indices; also with the segments repacked band-major, padded to whole groups of 8 and
+// sorted by length so the loop exits are predicted): the repacking (0.2-0.65 ms per call at
+// ViT's shapes) and the per-segment exits cost more than the L2 reads they save; 8-column ymm
+// blocks that fit L1 whole (front-end bound at 8 multiply-adds per entry); 512-bit vpermps
+// broadcasts; 32-column blocks with the new loop.
 //
 // bf16 (SC_BF16DP): xT holds bf16, so a gathered row of 32 columns is one 64-byte load, and two
 // fan-in entries are combined per VDPBF16PS: rows a = xT[idx[j]] and b = xT[idx[j + 1]] are
@@ -26,26 +32,6 @@
 namespace sc512 {
 
 constexpr int kTile = 16;  // neurons per output tile: one 64-byte line per output row
-
-// 8 x 8 float transpose: r[e] = column e of v.
-inline void transpose8(const __m256 (&v)[8], __m256 (&r)[8]) {
-  const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
-  const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
-  const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
-  const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
-  const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
-  const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
-  const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
-  const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(b0, b4, 0x20);
-  r[1] = _mm256_permute2f128_ps(b1, b5, 0x20);
-  r[2] = _mm256_permute2f128_ps(b2, b6, 0x20);
-  r[3] = _mm256_permute2f128_ps(b3, b7, 0x20);
-  r[4] = _mm256_permute2f128_ps(b0, b4, 0x31);
-  r[5] = _mm256_permute2f128_ps(b1, b5, 0x31);
-  r[6] = _mm256_permute2f128_ps(b2, b6, 0x31);
-  r[7] = _mm256_permute2f128_ps(b3, b7, 0x31);
-}
 
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 #if SC_BF16DP
@@ -81,112 +67,173 @@ inline void store_tile(const float (&tile)[kTile][W], int64_t nq, int64_t cols, 
 // L2 budgets of the 2-D tiling below (Zen 4 and recent Intel cores have 1-2 MB of L2).
 constexpr int64_t kL2X = 384 << 10, kL2W = 256 << 10;
 
+// Column blocks of block_bytes each that share the kL2X budget.
+inline int64_t blocks_per_group(int64_t block_bytes) {
+  return std::max<int64_t>(1, kL2X / std::max<int64_t>(1, block_bytes));
+}
+
 // Calls f(blk, i8, nq) for every column block and 16-neuron group of neurons [i0, i1), in 2-D
 // tiles: a group of column blocks whose xT slices fit kL2X, times a chunk of neurons whose
-// values + indices fit kL2W. Block-outer order alone re-streams all the weights from L3 once per
-// column block (13 times at 197 rows, 16 columns); neuron-outer order re-reads all of xT.
-template <typename F>
+// values + indices fit kL2W; group(g0, g1) first, once per group of blocks [g0, g1).
+// Block-outer order alone re-streams all the weights from L3 once per column block (13 times at
+// 197 rows, 16 columns); neuron-outer order re-reads all of xT.
+template <typename F, typename Group>
 void for_tiles(int64_t nblk, int64_t block_bytes, int64_t neuron_bytes, int64_t i0, int64_t i1,
-               F&& f) {
-  const int64_t G = std::max<int64_t>(1, kL2X / std::max<int64_t>(1, block_bytes));
+               F&& f, Group&& group) {
+  const int64_t G = blocks_per_group(block_bytes);
   const int64_t NC =
       std::max<int64_t>(kTile, kL2W / std::max<int64_t>(1, neuron_bytes) / kTile * kTile);
-  for (int64_t g0 = 0; g0 < nblk; g0 += G)
+  for (int64_t g0 = 0; g0 < nblk; g0 += G) {
+    group(g0, std::min(nblk, g0 + G));
     for (int64_t c0 = i0; c0 < i1; c0 += NC) {
       const int64_t c1 = std::min(i1, c0 + NC);
       for (int64_t blk = g0; blk < std::min(nblk, g0 + G); ++blk)
         for (int64_t i8 = c0; i8 < c1; i8 += kTile) f(blk, i8, std::min<int64_t>(kTile, c1 - i8));
     }
+  }
 }
 
-// fp32 x (xT [nblk, in, 16 * NV]), values of any float type, neurons [i0, i1).
-template <int NV, typename V, typename I>
-void fm_f32(const float* xT, int64_t in, int64_t B, const V* vals, const I* idx, int64_t k,
-            int64_t i0, int64_t i1, const float* bias, float* out, int64_t n) {
-  constexpr int W = 16 * NV;
-  constexpr int U = NV == 1 ? 4 : 2;  // independent accumulator sets to cover the FMA latency
+constexpr int kF32W = 16;  // fp32 column block: one 64-byte row of xT per fan-in entry
+
+// Row numbers of 8 fan-in entries. int16: two 64-bit loads split in registers (one load per
+// four entries instead of one per entry: the load ports, not the FMAs, bound this kernel).
+// Indices are validated non-negative, so zero-extension is exact.
+inline void rows8(const int16_t* p, uint64_t (&o)[8]) {
+  uint64_t a, b;
+  std::memcpy(&a, p, 8);
+  std::memcpy(&b, p + 4, 8);
+  for (int e = 0; e < 4; ++e) {
+    o[e] = (a >> (16 * e)) & 0xFFFF;
+    o[4 + e] = (b >> (16 * e)) & 0xFFFF;
+  }
+}
+inline void rows8(const int32_t* p, uint64_t (&o)[8]) {
+  for (int e = 0; e < 8; ++e) o[e] = static_cast<uint32_t>(p[e]);
+}
+
+// Whether fm_f32 should transpose x itself, per group of column blocks, into a buffer of each
+// thread (x read once, its blocks written to L2 just before the kernel reads them) instead of one
+// xT transposed by all threads beforehand (written out, then read back from L2 or L3). Measured
+// at ViT-B/16's MLP shapes, 197 rows, 1 thread: fc1 5.4x -> 5.8x, fc2 3.6x -> 4.2x faster than
+// dense. Each thread transposes all of x, so only while that is small next to its share of the
+// product (at 2 threads both MLP layers qualify; at 16 neither does).
+inline bool transpose_per_thread(int64_t in, int64_t n, int64_t k, int64_t threads) {
+  return threads * threads * in * 4 <= n * k;
+}
+
+// One neuron's 16 columns of fp32 x: row[0:16] = bias + sum_j vr[j] * base[ir[j] * 16 + 0:16].
+// Per fan-in entry: one 64-byte row of xT (two ymm loads, folded into two FMAs), 1/8 of a 32-byte
+// load of values and 1/4 of a 64-bit load of indices; the value is broadcast in registers
+// (vpermps) instead of by a load of its own. That is ~2.4 load-port slots (256-bit) per entry
+// against ~3 for a broadcast load plus an index load per entry, measured 35-45 vs 26-30 GMAC/s
+// with the rows in L1 on a Zen 4 core (2 such slots per cycle). The rows come from L2 (a block is
+// in * 64 bytes): at in = 3072 the L2 -> L1 fill (~35 bytes/cycle measured) is the limit.
+// 256-bit vectors: on Zen 4 a 512-bit FMA is two 256-bit halves, and a 512-bit vpermps costs more
+// than the 256-bit one (measured); with AVX-512VL the 32 ymm registers hold the 8 accumulators
+// and the 8 permute selectors. A function of its own (not inlined) so that gcc keeps the
+// accumulators in registers: inlined into fm_f32's tiling it spilled them every step (measured).
+template <typename V, typename I>
+__attribute__((noinline)) void neuron_f32(const float* base, const V* vr, const I* ir, int64_t k,
+                                          float bias, float* row) {
+  constexpr int W = kF32W;
+  __m256i sel[8];
+  for (int e = 0; e < 8; ++e) sel[e] = _mm256_set1_epi32(e);
+  // 4 accumulator pairs: 8 independent FMA chains cover the FMA latency at 2 per cycle.
+  __m256 acc[4][2];
+  for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+  auto entry = [&](int u, __m256 w, uint64_t r) {
+    const float* p = base + r * W;
+    acc[u][0] = _mm256_fmadd_ps(w, _mm256_load_ps(p), acc[u][0]);
+    acc[u][1] = _mm256_fmadd_ps(w, _mm256_load_ps(p + 8), acc[u][1]);
+  };
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = load8(vr + j);
+    uint64_t rows[8];
+    rows8(ir + j, rows);
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; ++e) entry(e & 3, _mm256_permutevar8x32_ps(v, sel[e]), rows[e]);
+  }
+  // Tail of k % 8 entries, each into a fixed accumulator (an accumulator indexed at run time
+  // would force all of them out of registers).
+  auto tail = [&](int u, int64_t jj) {
+    entry(u, _mm256_set1_ps(to_f(vr[jj])), static_cast<uint64_t>(ir[jj]));
+  };
+  switch (k - j) {
+    case 7: tail(2, j + 6); [[fallthrough]];
+    case 6: tail(1, j + 5); [[fallthrough]];
+    case 5: tail(0, j + 4); [[fallthrough]];
+    case 4: tail(3, j + 3); [[fallthrough]];
+    case 3: tail(2, j + 2); [[fallthrough]];
+    case 2: tail(1, j + 1); [[fallthrough]];
+    case 1: tail(0, j); [[fallthrough]];
+    default: break;
+  }
+  const __m256 bv = _mm256_set1_ps(bias);
+  for (int h = 0; h < 2; ++h)
+    _mm256_store_ps(row + 8 * h,
+                    _mm256_add_ps(bv, _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]),
+                                                    _mm256_add_ps(acc[2][h], acc[3][h]))));
+}
+
+// fp32 x, values of any float type, neurons [i0, i1). x is either xT [nblk, in, 16] (transposed
+// beforehand; x_rows null) or, when x_rows is set, row-major x [B, in] with row stride ldx, which
+// is transposed here one group of column blocks at a time (see transpose_per_thread).
+template <typename V, typename I>
+void fm_f32(const float* xT, const float* x_rows, int64_t ldx, int64_t in, int64_t B,
+            const V* vals, const I* idx, int64_t k, int64_t i0, int64_t i1, const float* bias,
+            float* out, int64_t n) {
+  constexpr int W = kF32W;
   alignas(64) float tile[kTile][W];
   const int64_t nblk = (B + W - 1) / W;
-  for_tiles(nblk, in * W * 4, k * int64_t(sizeof(V) + sizeof(I)), i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
-    {
-      const float* base = xT + blk * in * W;
-      const int64_t cols = std::min<int64_t>(W, B - blk * W);
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t i = i8 + q;
-        const V* vr = vals + i * k;
-        const I* ir = idx + i * k;
-        __m512 acc[U][NV];
-        for (int u = 0; u < U; ++u)
-          for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_setzero_ps();
-        int64_t j = 0;
-        for (; j + U <= k; j += U) {
-#pragma GCC unroll 4
-          for (int u = 0; u < U; ++u) {
-            const __m512 w = _mm512_set1_ps(to_f(vr[j + u]));
-            const float* row = base + static_cast<int64_t>(ir[j + u]) * W;
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v)
-              acc[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(row + 16 * v), acc[u][v]);
-          }
-        }
-        for (; j < k; ++j) {
-          const __m512 w = _mm512_set1_ps(to_f(vr[j]));
-          const float* row = base + static_cast<int64_t>(ir[j]) * W;
-          for (int v = 0; v < NV; ++v)
-            acc[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(row + 16 * v), acc[0][v]);
-        }
-        const __m512 bv = _mm512_set1_ps(bias ? bias[i] : 0.f);
-        for (int v = 0; v < NV; ++v) {
-          __m512 s = bv;
-          for (int u = 0; u < U; ++u) s = _mm512_add_ps(s, acc[u][v]);
-          _mm512_store_ps(&tile[q][16 * v], s);
-        }
-      }
-      store_tile<W>(tile, nq, cols, out, n, blk * W, i8);
+  at::Tensor buf;  // this thread's transposed group of blocks (x_rows mode)
+  float* xg = nullptr;
+  int64_t g_first = 0;
+  if (x_rows) {
+    buf = at::empty({blocks_per_group(in * W * 4) * in * W}, at::kFloat);
+    xg = buf.data_ptr<float>();
+  }
+  auto group = [&](int64_t g0, int64_t g1) {
+    if (!x_rows) return;
+    const int64_t r0 = g0 * W, rows = std::min(B, g1 * W) - r0;
+    // Inside at::parallel_for this runs on the calling thread only.
+    to_column_blocks(x_rows + r0 * ldx, ldx, rows, in, W, xg, tile8_f32);
+    g_first = g0;
+  };
+  const int64_t entry_bytes = sizeof(V) + sizeof(I);
+  for_tiles(nblk, in * W * 4, k * entry_bytes, i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
+    const float* base = x_rows ? xg + (blk - g_first) * in * W : xT + blk * in * W;
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t i = i8 + q;
+      neuron_f32(base, vals + i * k, idx + i * k, k, bias ? bias[i] : 0.f, tile[q]);
     }
-  });
+    store_tile<W>(tile, nq, std::min<int64_t>(W, B - blk * W), out, n, blk * W, i8);
+  }, group);
 }
 
 #if SC_BF16DP
 constexpr int kBfW = 32;  // bf16 column block: one 64-byte row per fan-in entry
 
-// x bf16 [B, in] (row stride ldx) -> xT [ceil(B / 32), in, 32] bf16, zero-padded; 8 x 8 16-bit
-// transposes in SSE registers.
-inline void to_column_blocks_bf16(const uint16_t* x, int64_t ldx, int64_t B, int64_t in,
-                                  uint16_t* xT) {
-  constexpr int64_t W = kBfW;
-  const int64_t nblk = (B + W - 1) / W, in8 = in / 8 * 8;
-  at::parallel_for(0, nblk * (W / 8), std::max<int64_t>(1, 4096 / std::max<int64_t>(1, in)),
-                   [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t blk = t / (W / 8), c0 = t % (W / 8) * 8, row0 = blk * W + c0;
-      const int64_t nrows = std::clamp<int64_t>(B - row0, 0, 8);
-      uint16_t* dst = xT + blk * in * W + c0;
-      int64_t r = 0;
-      for (; r < in8; r += 8) {
-        __m128i v[8];
-        for (int q = 0; q < 8; ++q)
-          v[q] = q < nrows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (row0 + q) * ldx + r))
-                           : _mm_setzero_si128();
-        const __m128i a0 = _mm_unpacklo_epi16(v[0], v[1]), a1 = _mm_unpackhi_epi16(v[0], v[1]);
-        const __m128i a2 = _mm_unpacklo_epi16(v[2], v[3]), a3 = _mm_unpackhi_epi16(v[2], v[3]);
-        const __m128i a4 = _mm_unpacklo_epi16(v[4], v[5]), a5 = _mm_unpackhi_epi16(v[4], v[5]);
-        const __m128i a6 = _mm_unpacklo_epi16(v[6], v[7]), a7 = _mm_unpackhi_epi16(v[6], v[7]);
-        const __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
-        const __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
-        const __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
-        const __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
-        const __m128i c[8] = {_mm_unpacklo_epi64(b0, b4), _mm_unpackhi_epi64(b0, b4),
-                              _mm_unpacklo_epi64(b1, b5), _mm_unpackhi_epi64(b1, b5),
-                              _mm_unpacklo_epi64(b2, b6), _mm_unpackhi_epi64(b2, b6),
-                              _mm_unpacklo_epi64(b3, b7), _mm_unpackhi_epi64(b3, b7)};
-        for (int e = 0; e < 8; ++e)
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (r + e) * W), c[e]);
-      }
-      for (; r < in; ++r)
-        for (int64_t q = 0; q < 8; ++q) dst[r * W + q] = q < nrows ? x[(row0 + q) * ldx + r] : 0;
-    }
-  });
+// The 8 x 8 tile of to_column_blocks for bf16 (as raw 16-bit words): rows s + q * ld (q < nrows,
+// zeros past them), features 0..7 -> d + e * W, in SSE registers.
+inline void tile8_bf16(const uint16_t* s, int64_t ld, int64_t nrows, uint16_t* d, int64_t W) {
+  __m128i v[8];
+  for (int q = 0; q < 8; ++q)
+    v[q] = q < nrows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + q * ld))
+                     : _mm_setzero_si128();
+  const __m128i a0 = _mm_unpacklo_epi16(v[0], v[1]), a1 = _mm_unpackhi_epi16(v[0], v[1]);
+  const __m128i a2 = _mm_unpacklo_epi16(v[2], v[3]), a3 = _mm_unpackhi_epi16(v[2], v[3]);
+  const __m128i a4 = _mm_unpacklo_epi16(v[4], v[5]), a5 = _mm_unpackhi_epi16(v[4], v[5]);
+  const __m128i a6 = _mm_unpacklo_epi16(v[6], v[7]), a7 = _mm_unpackhi_epi16(v[6], v[7]);
+  const __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
+  const __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
+  const __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
+  const __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
+  const __m128i c[8] = {_mm_unpacklo_epi64(b0, b4), _mm_unpackhi_epi64(b0, b4),
+                        _mm_unpacklo_epi64(b1, b5), _mm_unpackhi_epi64(b1, b5),
+                        _mm_unpacklo_epi64(b2, b6), _mm_unpackhi_epi64(b2, b6),
+                        _mm_unpacklo_epi64(b3, b7), _mm_unpackhi_epi64(b3, b7)};
+  for (int e = 0; e < 8; ++e) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + e * W), c[e]);
 }
 
 // bf16 x and values, fp32 accumulation: xT [nblk, in, 32] bf16, neurons [i0, i1).
@@ -249,7 +296,7 @@ void fm_bf16(const uint16_t* xT, int64_t in, int64_t B, const c10::BFloat16* val
       }
       store_tile<W>(tile, nq, cols, out, n, blk * W, i8);
     }
-  });
+  }, [](int64_t, int64_t) {});
 }
 #endif  // SC_BF16DP
 

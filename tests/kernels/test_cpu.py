@@ -86,11 +86,12 @@ def test_linear_random_shapes(lead, rows, n, fan_in, kfrac, dtype, index_dtype, 
     assert _rel_err(y, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])
-@pytest.mark.parametrize("k", [1, 7, 8, 9, 15, 16, 17, 31, 33, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13, 17, 40])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 6, 7, 8, 9, 12, 15, 16, 17, 31, 33, 64])
 def test_linear_row_tails_and_constant_fan_in_edges(rows, k):
     # k covers every residue path of the GEMV (16-wide body, masked 8-wide tails, the last row's
-    # scalar tail); k = fan-in is the dense edge case.
+    # scalar tail) and every k % 8 tail of the avx512 kernel (from 17 rows; 40 rows = two 16-column
+    # blocks and a partial one); k = fan-in is the dense edge case.
     for fan_in in (k, 70):
         values, idx = _layer(13, fan_in, k, torch.float32, torch.int16, seed=k)
         x = torch.randn(rows, fan_in)
@@ -100,7 +101,7 @@ def test_linear_row_tails_and_constant_fan_in_edges(rows, k):
         assert _rel_err(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
 def test_unreferenced_nonfinite_inputs_do_not_leak(rows):
     # A row's masked tail reads the next row's indices; x there may be inf/NaN and must not reach
     # an output that does not reference it. Only neuron 0 (whose tail is masked) is checked.
@@ -167,6 +168,24 @@ def test_thread_count_does_not_change_results():
         torch.set_num_threads(prev)
     for a, b in outs:
         assert torch.equal(a, b)
+
+
+def test_per_thread_and_shared_transpose_of_x_agree():
+    # The avx512 fp32 kernel (>= 17 rows) transposes x per thread while threads^2 * fan_in * 4 <=
+    # n * k, else once for all threads: 64 x 100 with k = 10 takes the first at 1 thread, the second
+    # at 2. Same sums in the same order, so the outputs are identical (and right).
+    values, idx = _layer(64, 100, 10, torch.float32, torch.int16, seed=7)
+    x, b = torch.randn(40, 100), torch.randn(64)
+    prev = torch.get_num_threads()
+    try:
+        res = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            res.append(_cpp_linear(x, values, idx, b))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(res[0], res[1])
+    assert _rel_err(res[0], condensed_linear_ref(x.double(), values.double(), idx, b.double())) < 1e-5
 
 
 def test_empty_and_zero_k():
@@ -250,10 +269,10 @@ assert cpu.build_info()["isa"] == isa, cpu.build_info()
 assert ("-mavx2" in cpu.build_info()["flags"]) == (isa != "generic"), cpu.build_info()["flags"]
 torch.manual_seed(0)
 worst = {torch.float32: 0.0, torch.bfloat16: 0.0}
-# rows: GEMV (1, 2), the feature-major kernels' column blocks and tails (8 .. 70); fan-ins on both
-# sides of the avx512 kernel's 32/16-column switch (2048); odd and even k (bf16 pairs).
+# rows: GEMV (1, 2), the feature-major kernels' column blocks and tails (8 .. 70; the avx512 kernels
+# from 17); fan-ins from 64 to 2100; odd and even k (bf16 pairs), k % 8 = 0, 7, 5, 2 (fp32 tails).
 for batch, n, fan_in, k in ((1, 37, 150, 15), (2, 9, 64, 13), (8, 37, 150, 15), (40, 37, 150, 16),
-                            (70, 19, 2100, 31), (33, 40, 90, 90)):
+                            (70, 19, 2100, 31), (33, 40, 90, 90), (24, 21, 300, 29)):
     idx = torch.rand(n, fan_in).argsort(1)[:, :k].sort(1).values.to(torch.int16 if k % 2 else torch.int32)
     v, x, b = torch.randn(n, k), torch.randn(batch, fan_in), torch.randn(n)
     for dt in worst:
