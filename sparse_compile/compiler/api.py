@@ -36,22 +36,20 @@ from __future__ import annotations
 import copy
 import glob
 import warnings
-from dataclasses import asdict
 from typing import Optional, Union
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
-from .. import fx as tracing
-from .cache import DecisionCache
-from .choose import _choose_forms
 from . import exact
+from .cache import DecisionCache
+from .choose import choose
 from .config import MODES, OptimizeConfig
 from .forms import FORMS, FormHandler, register_form
-from .plan import _absorbs, _analyze_slot, _collect_slots, _producer_state
-from .propagate import propagate
+from .plan import make_plan
+from .propagate import propagate_plan
 from .report import LayerReport, OptimizeReport, _layer_report
+from .rewrite import rewrite
 from .verify import _default_rtol, relative_error
 from .whole_model import _whole_model_check
 
@@ -247,76 +245,32 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
 
 
 def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool, keep=frozenset(),
-           reference=None) -> nn.Module:
-    """Trace ``work`` (an eval-mode copy on ``dev``), rewrite its layers (except those named in
-    ``keep``), and measure its error against ``reference`` (the original's output on ``inputs``)."""
+           reference=None, plans=None) -> nn.Module:
+    """Plan ``work`` (an eval-mode copy on ``dev``), propagate, choose, rewrite (every layer except
+    those named in ``keep``), and report, with the error against ``reference`` (the original's
+    output on ``inputs``). ``plans`` (a ``WeakKeyDictionary``): the result's plan, as it was before
+    the rewrite, is kept there under the result (the whole-model check installs other decision sets
+    in copies of it)."""
     dtype = _model_dtype(work)
-
-    notes: list = []
-    traced = True
-    try:
-        gm = work if isinstance(work, fx.GraphModule) else tracing.trace(work, cfg.leaf_modules, exact.make_leaf)
-        gm.eval()
-    except Exception as e:  # FX raises many types (TraceError, TypeError, AttributeError...)
-        traced = False
-        gm = work
-        msg = (f"sparse_compile.optimize: FX cannot trace {type(work).__name__} "
-               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); swapping modules in "
-               "place instead (ablated neurons are not propagated across layers)")
-        warnings.warn(msg, stacklevel=3)
-        notes.append(msg)
-
-    if traced and inputs is not None:
-        try:
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
-        except Exception as e:  # shapes only sharpen propagation; without them it is conservative
-            notes.append(f"shape propagation failed ({type(e).__name__}: {e}); reshapes restore the full width")
-
-    slots = _collect_slots(gm, traced, cfg, notes, keep)
-    for s in slots:
-        _analyze_slot(s, cfg)
-
-    restores = []
-    if traced and cfg.structural:
-        producers = {}
-        for s in slots:
-            if s.node is not None and s.out_reduce:
-                producers[s.node] = _producer_state(s)
-        by_node = {s.node: s for s in slots if s.node is not None}
-        absorbs = lambda n, st: _absorbs(gm, by_node.get(n), n, st)  # noqa: E731
-        if producers:
-            # A reduction no layer absorbs would only be scattered back: such a layer computes its
-            # ablated rows (constant) itself instead, which is cheaper for the sparse forms.
-            plan = propagate(gm, producers, absorbs, dtype, dev, apply=False)
-            for s in slots:
-                if s.out_reduce and s.node.name not in plan.useful:
-                    s.out_reduce = False
-            producers = {n: st for n, st in producers.items() if n.name in plan.useful}
-        if producers:
-            res = propagate(gm, producers, absorbs, dtype, dev)
-            restores = [asdict(r) for r in res.restores]
-            for s in slots:
-                if s.node is not None and s.node.name in res.absorbed:
-                    s.in_state = res.absorbed[s.node.name]
-
+    plan = make_plan(work, cfg, inputs, keep)
+    propagate_plan(plan, dtype, dev)
     cache = DecisionCache(cfg.cache_dir, enabled=cfg.cache)
-    _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache)
+    decisions = choose(plan.gm, plan.slots, cfg, inputs, dev, dtype, cache)
     cache.save()
-    for s in slots:
-        if s.in_leaf and s.form != "dense":
-            s.reason += f"; swapped in place inside {s.in_leaf} (FX does not trace into it)"
-        if s.form == "condensed" and s.kind == "conv2d" and s.module.groups == s.module.in_channels > 1:
-            s.reason += ("; depthwise: condensed as asked, but dense is often faster at fan-in 1-2 "
-                         "(bench/grouped_conv.py); mode 'auto' measures it")
+    pristine = plan.clone() if plans is not None else None
+    gm = _rewrite_and_report(plan, decisions, cfg, inputs, reference,
+                             cache={"dir": str(cache.path.parent), "hits": cache.hits, "misses": cache.misses}
+                             if uses_auto else None)
+    if plans is not None:
+        plans[gm] = pristine
+    return gm
 
-    if traced:
-        gm.graph.lint()
-        gm.recompile()
-        gm.delete_all_unused_submodules()
 
+def _rewrite_and_report(plan, decisions: dict, cfg: OptimizeConfig, inputs, reference, cache=None) -> nn.Module:
+    """Install ``decisions`` in ``plan`` (:func:`~.rewrite.rewrite`), check the result against
+    ``reference`` on ``inputs`` (when given) and attach the report and config."""
+    gm = rewrite(plan.gm, plan.slots, decisions, cfg)
+    notes = list(plan.notes)
     verify_err = None
     if reference is not None:
         try:
@@ -328,9 +282,9 @@ def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool, k
         if verify_err != verify_err:
             verify_err = float("inf")
     report = OptimizeReport(
-        [_layer_report(s, cfg) for s in slots],
-        mode=cfg.mode, restores=restores, notes=notes, verify_rel_err=verify_err, traced=traced,
-        cache={"dir": str(cache.path.parent), "hits": cache.hits, "misses": cache.misses} if uses_auto else None,
+        [_layer_report(s, cfg) for s in plan.slots],
+        mode=cfg.mode, restores=plan.restores, notes=notes, verify_rel_err=verify_err, traced=plan.traced,
+        cache=cache,
     )
     gm.sparse_compile_report = report
     gm.sparse_compile_config = cfg.to_dict()
