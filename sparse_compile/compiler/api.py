@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import glob
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -138,7 +139,7 @@ def optimize(
         cpu_kernels()  # the first build takes ~20 s: say so instead of going silent
     work = copy.deepcopy(model).eval().to(dev)
     inputs = None if example_inputs is None else tuple(_to_device(x, dev) for x in example_inputs)
-    reference, src = None, model  # src: what the bisection and the whole-model check rebuild from
+    reference, src = None, model  # src: what the bisection rebuilds from
     if cfg.dtype is not None:
         work, inputs, reference = _cast(work, inputs, getattr(torch, cfg.dtype))
         src = copy.deepcopy(work)  # rebuilds must start from the cast model, as `work` did
@@ -146,12 +147,14 @@ def optimize(
     # would override those choices.
     check = cfg.mode == "auto" and cfg.whole_model_check and inputs is not None
     original = copy.deepcopy(work) if check else None  # the build below rewrites `work`'s modules
-    gm = _build_verified(work, cfg, inputs, dev, uses_auto, fresh=lambda: copy.deepcopy(src).eval().to(dev))
+    plans = weakref.WeakKeyDictionary() if check else None  # result -> its plan before the rewrite
+    gm = _build_verified(work, cfg, inputs, dev, uses_auto, fresh=lambda: copy.deepcopy(src).eval().to(dev),
+                         plans=plans)
     if check:
         from ..progress import slow
 
         with slow("auto: timing the whole model against the original (a few seconds)", "whole-model check done"):
-            gm = _whole_model_check(gm, original, src, cfg, inputs, dev, uses_auto)
+            gm = _whole_model_check(gm, plans.pop(gm), original, cfg, inputs, dev)
     if reference is not None:
         with torch.no_grad():
             err = relative_error(gm(*inputs), reference)
@@ -203,12 +206,12 @@ def _say_what_is_missing(model: nn.Module, cfg: OptimizeConfig) -> None:
             "sparse_compile.load_checkpoint(model, path).", stacklevel=3)
 
 
-def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_level=4, fresh=None):
+def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_level=4, fresh=None, plans=None):
     """:func:`_build`; with example inputs, layers whose rewrite changes the output are found and
     kept as they were (or, with ``cfg.strict``, an error is raised); see :mod:`.exact`.
-    ``fresh()`` makes another copy like ``work`` for the bisection's rebuilds."""
+    ``fresh()`` makes another copy like ``work`` for the bisection's rebuilds; ``plans``: see :func:`_build`."""
     if inputs is None or not cfg.verify:
-        return _build(work, cfg, inputs, dev, uses_auto, keep=keep)
+        return _build(work, cfg, inputs, dev, uses_auto, keep=keep, plans=plans)
     with torch.no_grad():
         reference = work(*inputs)
     if fresh is None:
@@ -221,7 +224,7 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
     def build(more):
         if first[0]:
             first[0] = False
-            gm = _build(work, cfg, inputs, dev, uses_auto, keep=keep | more, reference=reference)
+            gm = _build(work, cfg, inputs, dev, uses_auto, keep=keep | more, reference=reference, plans=plans)
             forms = gm.sparse_compile_report.forms()
             if uses_auto and all(f in MODES for f in forms.values()):  # (a registered form is no mode)
                 # "auto" times the forms again in each rebuild and may choose differently (a busy
@@ -236,7 +239,7 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
         with warnings.catch_warnings():  # the first build warned already
             warnings.simplefilter("ignore")
             return _build(fresh(), c, inputs, dev, uses_auto and not pinned, keep=keep | more,
-                          reference=reference)
+                          reference=reference, plans=plans)
 
     def ok(gm):
         return gm.sparse_compile_report.verify_rel_err <= tol
