@@ -10,19 +10,26 @@ condensed     ``torch.ops.sparse_compile`` condensed matmul / conv over the acti
 csr           a ``torch.sparse_csr`` weight over the active neurons
 ============= ================================================================================
 
-The pass (FX):
+The pipeline, top to bottom (:func:`_build`):
 
-1. copy the model (the input model is never changed), put it in eval mode, trace it;
-2. replace ``nn.MultiheadAttention`` by :class:`~sparse_compile.compiler.modules.ExplicitMultiheadAttention`
-   so its out-projection is a real, rewritable layer;
-3. every non-dense layer with ablated neurons outputs only its active neurons; the removal is
-   propagated through its consumers by :mod:`sparse_compile.compiler.propagate` (constants folded into the
-   next layer's bias, or restored by a constant-filled scatter where that is not exact); a layer
-   whose removal no consumer can absorb keeps its full width instead;
-4. each layer gets its form: the mode's, or in ``"auto"`` the fastest exact one, measured on the
-   target device with the shapes of ``example_inputs`` (cached, see :mod:`sparse_compile.compiler.cache`);
-5. the result is checked against the original on ``example_inputs``; layers whose rewrite changes
-   it are found by bisection and kept as they were, with a warning (``strict=True`` raises).
+1. **plan** (:mod:`.plan`): copy the model (the input model is never changed), put it in eval
+   mode, trace it with FX, record shapes on ``example_inputs``; replace ``nn.MultiheadAttention``
+   by :class:`~sparse_compile.compiler.modules.ExplicitMultiheadAttention` so its out-projection
+   is a real, rewritable layer; one :class:`~.plan.LayerPlan` per Linear / Conv2d;
+2. **propagate** (:mod:`.propagate`, rules in :mod:`.rules`): every non-dense layer with ablated
+   neurons outputs only its active neurons, and the removal is propagated through its consumers
+   (constants folded into the next layer's bias, or restored by a constant-filled scatter where
+   that is not exact). One pass analyses the graph; only the removals some layer absorbs are
+   applied (a layer whose removal nobody absorbs keeps its full width);
+3. **choose** (:mod:`.choose`): a :class:`~.choose.Decision` per layer: the mode's form, or in
+   ``"auto"`` the fastest exact one, measured on the target device with the shapes of
+   ``example_inputs`` (cached, see :mod:`sparse_compile.compiler.cache`); nothing is installed;
+4. **rewrite** (:mod:`.rewrite`): install the decisions;
+5. **verify** (:mod:`.verify`, :mod:`.exact`): the result is checked against the original on
+   ``example_inputs``; layers whose rewrite changes it are found by bisection and kept as they
+   were, with a warning (``strict=True`` raises);
+6. **report** (:mod:`.report`); in ``"auto"``, the whole-model check (:mod:`.whole_model`) then
+   times other decision sets over the same plan and keeps the fastest model.
 
 Only layers whose function is known exactly are rewritten (plain Linear / Conv2d, grouped convs,
 no hooks; see :mod:`sparse_compile.compiler.exact`); the others are kept, with the reason in the report.

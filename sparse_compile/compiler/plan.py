@@ -27,8 +27,10 @@ class LayerPlan:
     What a form handler (:func:`~sparse_compile.compiler.forms.register_form`) reads: ``name``,
     ``module`` (the original layer), ``kind`` ("linear" / "conv2d"), ``mode``, ``info`` (its
     :class:`~sparse_compile.formats.LayerAnalysis`), ``ablated`` / ``sparse`` / ``changed``, and
-    :meth:`effective` (the weight, mask and bias the form must compute with). The pass fills the
-    rest: ``form``, ``reason``, ``times`` / ``candidates`` / ``why_not`` ("auto"), ``new_module``.
+    :meth:`effective` (the weight, mask and bias the form must compute with). The rewrite
+    (:func:`~sparse_compile.compiler.rewrite.rewrite`) records the layer's
+    :class:`~sparse_compile.compiler.choose.Decision` in the rest: ``form``, ``reason``, ``times``
+    / ``candidates`` / ``why_not`` ("auto"), ``rel_err``, ``new_module``.
     """
 
     name: str
@@ -48,7 +50,6 @@ class LayerPlan:
     why_not: dict = field(default_factory=dict)  # form -> why it is not a candidate (or failed)
     rel_err: Optional[float] = None
     new_module: Optional[nn.Module] = None
-    sample: Optional[Tensor] = None
     # effective layer (rows x kept input columns), built lazily by _effective(), keyed by active_only
     eff: dict = field(default_factory=dict)
     #: Why the layer must stay exactly as it is (not a plain layer, hooks, inside a torch.nn module

@@ -164,3 +164,34 @@ def test_whole_model_check_traces_a_second_plan_only_without_structural_changes(
     assert len(traces) == 2  # the plan, and the plan without propagation (original layers reuse it)
     with torch.no_grad():
         assert relative_error(opt(x), model(x)) <= 1e-5
+
+
+def test_a_useful_reduction_meeting_a_dropped_one_is_restored_as_if_alone():
+    """Where a kept and a dropped reduction meet, the kept one's restore says why it alone needs
+    the full width (what a second propagation pass over the kept producers would have said)."""
+
+    class Meet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Linear(16, 32)
+            self.q = nn.Linear(16, 32)
+            self.c = nn.Linear(32, 8)
+
+        def forward(self, x):
+            h = self.p(x)
+            return self.c(torch.relu(h)), h + self.q(x)
+
+    model = Meet().eval()
+    with torch.no_grad():
+        for m in (model.p, model.q):
+            m.weight[:4] = 0
+            m.bias[:4] = 0.5
+    x = torch.randn(4, 16)
+    opt = optimize(model, (x,), mode="ablated_dense")
+    rep = opt.sparse_compile_report
+    out = {r.name: r.output for r in rep}
+    assert out["p"] == "reduced" and out["q"] != "reduced"  # q's removal reaches only the add
+    assert [(r["node"], r["user"]) for r in rep.restores] == [("p", "add")]
+    assert "combines it with another tensor" in rep.restores[0]["reason"]
+    with torch.no_grad():
+        assert relative_error(opt(x), model(x)) <= 1e-5
