@@ -194,6 +194,13 @@ def _autotune(gm, slots, auto, decisions, cfg, inputs, dev, dtype, cache) -> Non
     ticker.close()
 
 
+def time_form(form: str, placed: nn.Module, x: Tensor, dev, cfg: OptimizeConfig) -> float:
+    """Seconds of one call of ``placed`` (``form``'s module, scatter included) on ``x``: "auto"'s
+    per-layer timer (``cfg.repeats`` after ``cfg.warmup``). The seam tests replace to make the
+    per-layer choice deterministic."""
+    return time_call(lambda: placed(x), dev, cfg.repeats, cfg.warmup)
+
+
 def _timing_params(s: LayerPlan, form: str, module: nn.Module) -> dict:
     e = _effective(s, s.active_only(form)) if form != "dense" else {"weight": s.module.weight, "bias": s.module.bias}
     p = {"kind": s.kind, "weight": list(e["weight"].shape), "bias": e["bias"] is not None,
@@ -235,7 +242,7 @@ def _autotune_slot(s: LayerPlan, d: Decision, x: Tensor, cfg, dev, dtype, cache,
         key = timing_key(dev, dtype, tuple(x.shape), f, _timing_params(s, f, mod))
         t = cache.get(key)
         if t is None:
-            t = time_call(lambda: placed(x), dev, cfg.repeats, cfg.warmup)
+            t = time_form(f, placed, x, dev, cfg)
             cache.put(key, t)
         times[f] = t
         mods[f] = mod

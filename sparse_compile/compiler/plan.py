@@ -50,6 +50,8 @@ class LayerPlan:
     why_not: dict = field(default_factory=dict)  # form -> why it is not a candidate (or failed)
     rel_err: Optional[float] = None
     new_module: Optional[nn.Module] = None
+    #: Unused since choose captures the layers' inputs itself; kept so LayerPlan's fields stay as they were.
+    sample: Optional[Tensor] = None
     # effective layer (rows x kept input columns), built lazily by _effective(), keyed by active_only
     eff: dict = field(default_factory=dict)
     #: Why the layer must stay exactly as it is (not a plain layer, hooks, inside a torch.nn module

@@ -66,15 +66,21 @@ def test_choose_installs_nothing(mode):
     assert {s.name: s.form for s in plan.slots} == {k: d.form for k, d in decisions.items()}
 
 
-def test_propagation_analyses_the_graph_once(monkeypatch):
+def _count_calls(monkeypatch, module, name) -> list:
+    """Patch ``module.name`` to record each call (then call through); returns the record."""
     calls = []
-    real = P.analyse
+    real = getattr(module, name)
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(P, "analyse", counting)
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_propagation_analyses_the_graph_once(monkeypatch):
+    calls = _count_calls(monkeypatch, P, "analyse")
     model, x = mlp(), torch.randn(3, 64)
     opt = optimize(model, (x,), mode="ablated_dense")
     assert len(calls) == 1
@@ -126,23 +132,11 @@ def _stub_times(monkeypatch, *answers):
     return calls
 
 
-def _count_traces(monkeypatch):
-    traces = []
-    real = sc_fx.trace
-
-    def counting(*a, **k):
-        traces.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(sc_fx, "trace", counting)
-    return traces
-
-
 def test_whole_model_check_traces_once_when_the_result_wins(monkeypatch):
-    traces = _count_traces(monkeypatch)
+    traces = _count_calls(monkeypatch, sc_fx, "trace")
     # Every form times alike, so per layer "auto" keeps the first candidate (the dense baseline) and
     # "condensed everywhere" is a real, different candidate.
-    monkeypatch.setattr(choose_mod, "time_call", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(choose_mod, "time_form", lambda *a: 1e-3)
     calls = _stub_times(monkeypatch, {"optimized": 2.0, "condensed everywhere": 1.0, "original": 3.0})
     model, x = mlp(), torch.randn(3, 64)
     opt = optimize(model, (x,), mode="auto", repeats=1, warmup=0)
@@ -154,7 +148,7 @@ def test_whole_model_check_traces_once_when_the_result_wins(monkeypatch):
 
 
 def test_whole_model_check_traces_a_second_plan_only_without_structural_changes(monkeypatch):
-    traces = _count_traces(monkeypatch)
+    traces = _count_calls(monkeypatch, sc_fx, "trace")
     _stub_times(monkeypatch, {"optimized": 3.0, "original": 2.0}, {"flat": 2.5, "original": 2.0})
     model, x = mlp(), torch.randn(3, 64)
     opt = optimize(model, (x,), mode="auto", repeats=1, warmup=0)
