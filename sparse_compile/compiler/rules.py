@@ -77,7 +77,7 @@ _POOL_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-class _NeedFull(Exception):
+class NeedFull(Exception):
     """Raised by a rule: this consumer needs the full width (message = why).
 
     ``later_users``: every later user must see the restored tensor too (an in-place op mutates it,
@@ -132,13 +132,13 @@ def _apply_elementwise(gm, node, x: fx.Node, s: Reduced) -> Reduced:
     """Run the op on the dropped channels' constants (in the graph's dtype, as the model would)."""
     others = [n for n in _nodes_in((node.args, node.kwargs)) if n is not x]
     if others:
-        raise _NeedFull(f"{_describe(gm, node)} combines it with another tensor")
+        raise NeedFull(f"{_describe(gm, node)} combines it with another tensor")
     if _is_inplace(gm, node) and len(x.users) > 1:
-        raise _NeedFull(f"{_describe(gm, node)} modifies it in place and it has other users", later_users=True)
+        raise NeedFull(f"{_describe(gm, node)} modifies it in place and it has other users", later_users=True)
     if node.op == "call_function" and node.target in _DROPOUT_FUNCS:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         if training is not False:
-            raise _NeedFull(f"{_describe(gm, node)} is dropout in training mode")
+            raise NeedFull(f"{_describe(gm, node)} is dropout in training mode")
     dtype = _meta_dtype(x)
     c = s.dropped_const().to(dtype)
     sub = lambda a: fx.node.map_arg(a, lambda n: c.clone())  # noqa: E731
@@ -146,7 +146,7 @@ def _apply_elementwise(gm, node, x: fx.Node, s: Reduced) -> Reduced:
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             if m.training and isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
-                raise _NeedFull(f"{_describe(gm, node)} is dropout in training mode")
+                raise NeedFull(f"{_describe(gm, node)} is dropout in training mode")
             out = m(c.clone())
         elif node.op == "call_function":
             out = node.target(*sub(node.args), **sub(node.kwargs))
@@ -154,7 +154,7 @@ def _apply_elementwise(gm, node, x: fx.Node, s: Reduced) -> Reduced:
             args = sub(node.args)
             out = getattr(args[0], node.target)(*args[1:], **sub(node.kwargs))
     if not isinstance(out, Tensor) or out.shape != c.shape:
-        raise _NeedFull(f"{_describe(gm, node)} is not elementwise on it")
+        raise NeedFull(f"{_describe(gm, node)} is not elementwise on it")
     const = torch.zeros_like(s.const)
     const[~s.keep] = out.to(torch.float64)
     return Reduced(s.dim, s.keep, const, s.origin)
@@ -165,11 +165,11 @@ def _rule_batchnorm(gm, node, x, s: Reduced, uses: dict) -> Reduced:
     module itself is sliced when the reduction is applied, :func:`slice_batchnorm`)."""
     m = gm.get_submodule(node.target)
     if s.dim != 1:
-        raise _NeedFull(f"{_describe(gm, node)} normalises dim 1 but the reduced dim is {s.dim}")
+        raise NeedFull(f"{_describe(gm, node)} normalises dim 1 but the reduced dim is {s.dim}")
     if m.training or not m.track_running_stats or m.running_mean is None:
-        raise _NeedFull(f"{_describe(gm, node)} is not in eval mode with running statistics")
+        raise NeedFull(f"{_describe(gm, node)} is not in eval mode with running statistics")
     if uses[node.target] > 1:
-        raise _NeedFull(f"{_describe(gm, node)} is called at several places")
+        raise NeedFull(f"{_describe(gm, node)} is called at several places")
     drop = ~s.keep.to(m.running_mean.device)
     dtype = _meta_dtype(x)
     with torch.no_grad():
@@ -201,13 +201,13 @@ def slice_batchnorm(m: nn.Module, keep: Tensor) -> nn.Module:
 
 def _rule_pool(gm, node, x, s: Reduced) -> Reduced:
     if s.dim != 1:
-        raise _NeedFull(f"{_describe(gm, node)} pools NCHW but the reduced dim is {s.dim}")
+        raise NeedFull(f"{_describe(gm, node)} pools NCHW but the reduced dim is {s.dim}")
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if isinstance(m, nn.AvgPool2d):
             pad = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)
             if (any(pad) and m.count_include_pad) or m.divisor_override:
-                raise _NeedFull(f"{_describe(gm, node)} averages in padding, so a constant does not stay constant")
+                raise NeedFull(f"{_describe(gm, node)} averages in padding, so a constant does not stay constant")
     elif node.target is F.avg_pool2d:
         a = list(node.args) + [None] * 8
         pad = node.kwargs.get("padding", a[3] if a[3] is not None else 0)
@@ -215,9 +215,9 @@ def _rule_pool(gm, node, x, s: Reduced) -> Reduced:
         div = node.kwargs.get("divisor_override", a[6])
         pad = pad if isinstance(pad, (tuple, list)) else (pad,)
         if (any(pad) and cip) or div:
-            raise _NeedFull(f"{_describe(gm, node)} averages in padding, so a constant does not stay constant")
+            raise NeedFull(f"{_describe(gm, node)} averages in padding, so a constant does not stay constant")
     if _nodes_in((node.args[1:], node.kwargs)):
-        raise _NeedFull(f"{_describe(gm, node)} has tensor arguments")
+        raise NeedFull(f"{_describe(gm, node)} has tensor arguments")
     return Reduced(1, s.keep, s.const, s.origin)
 
 
@@ -236,12 +236,12 @@ def _rule_mean(gm, node, x, s: Reduced) -> Reduced:
     shape = _meta_shape(x)
     rd = _reduce_dims(node)
     if shape is None or rd is None or s.dim < 0:
-        raise _NeedFull(f"{_describe(gm, node)}: reduction over unknown dimensions")
+        raise NeedFull(f"{_describe(gm, node)}: reduction over unknown dimensions")
     dims, keepdim = rd
     nd = len(shape)
     dims = {d % nd for d in dims}
     if s.dim in dims:
-        raise _NeedFull(f"{_describe(gm, node)} reduces over the channel dimension")
+        raise NeedFull(f"{_describe(gm, node)} reduces over the channel dimension")
     new_dim = s.dim if keepdim else s.dim - sum(1 for d in dims if d < s.dim)
     return Reduced(new_dim, s.keep, s.const, s.origin)
 
@@ -268,7 +268,7 @@ def _merge(s: Reduced, shape: tuple, start: int, end: int, gm, node) -> Reduced:
     for v in shape[start:d]:
         before *= v
     if before != 1:
-        raise _NeedFull(f"{_describe(gm, node)} interleaves the channel dimension with others")
+        raise NeedFull(f"{_describe(gm, node)} interleaves the channel dimension with others")
     after = 1
     for v in shape[d + 1:end + 1]:
         after *= v
@@ -278,10 +278,10 @@ def _merge(s: Reduced, shape: tuple, start: int, end: int, gm, node) -> Reduced:
 def _rule_flatten(gm, node, x, s: Reduced) -> Reduced:
     shape = _meta_shape(x)
     if shape is None or s.dim < 0:
-        raise _NeedFull(f"{_describe(gm, node)}: flatten without shape information")
+        raise NeedFull(f"{_describe(gm, node)}: flatten without shape information")
     start, end = _flatten_args(gm, node)
     if not isinstance(start, int) or not isinstance(end, int):
-        raise _NeedFull(f"{_describe(gm, node)}: flatten with dynamic dims")
+        raise NeedFull(f"{_describe(gm, node)}: flatten with dynamic dims")
     return _merge(s, shape, start, end, gm, node)
 
 
@@ -289,7 +289,7 @@ def _rule_reshape(gm, node, x, s: Reduced) -> Reduced:
     """A view/reshape that only merges a run of dims starting at the channel dim is a flatten."""
     a, b = _meta_shape(x), _meta_shape(node)
     if a is None or b is None or s.dim < 0:
-        raise _NeedFull(f"{_describe(gm, node)}: reshape without shape information")
+        raise NeedFull(f"{_describe(gm, node)}: reshape without shape information")
     if a == b:
         return s
     for end in range(len(a)):
@@ -297,7 +297,7 @@ def _rule_reshape(gm, node, x, s: Reduced) -> Reduced:
             merged = a[:start] + (_prod(a[start:end + 1]),) + a[end + 1:]
             if merged == b and start <= s.dim:
                 return _merge(s, a, start, end, gm, node)
-    raise _NeedFull(f"{_describe(gm, node)} reshapes the channel dimension")
+    raise NeedFull(f"{_describe(gm, node)} reshapes the channel dimension")
 
 
 def _prod(t) -> int:
@@ -377,11 +377,11 @@ def consume(gm, node, x, s: Reduced, uses: dict, absorbs) -> tuple:
             why = absorbs(node, s)
             if why is None:
                 return None, ("absorb", s)
-            raise _NeedFull(why)
-        raise _NeedFull(f"{_describe(gm, node)} takes it in an unexpected position")
+            raise NeedFull(why)
+        raise NeedFull(f"{_describe(gm, node)} takes it in an unexpected position")
     rule = _classify(gm, node, x)
     if rule is None:
-        raise _NeedFull(f"{_describe(gm, node)} needs the full width")
+        raise NeedFull(f"{_describe(gm, node)} needs the full width")
     if rule == "batchnorm":
         return _rule_batchnorm(gm, node, x, s, uses), ("batchnorm", s.keep)
     if rule in _RULES:
@@ -395,14 +395,11 @@ def consume(gm, node, x, s: Reduced, uses: dict, absorbs) -> tuple:
                 return None, None
             if s.dim < 0 and d < 0 and d != s.dim:
                 return None, None
-        raise _NeedFull(f"{_describe(gm, node)} reads the channel count")
+        raise NeedFull(f"{_describe(gm, node)} reads the channel count")
     if rule == "passive":
         return None, None
-    raise _NeedFull(f"{_describe(gm, node)} needs the full width")
+    raise NeedFull(f"{_describe(gm, node)} needs the full width")
 
 
 _RULES = {"elementwise": _apply_elementwise, "pool": _rule_pool, "flatten": _rule_flatten, "mean": _rule_mean,
           "reshape": _rule_reshape}
-
-#: The public name of the rules' exception (a consumer that needs the full width back).
-NeedFull = _NeedFull
