@@ -161,10 +161,7 @@ def _capture_inputs(gm, slots, auto, decisions, cfg, inputs) -> dict:
         if d.module is None:
             d.module = FORMS[d.form].build(s, cfg)
         placed = _placed(s, d.module, d.form)
-        if s.name in auto_names:
-            take, inner = grab(s.name), placed
-            placed = lambda *a, inner=inner, take=take, **k: (take(a[0]) if a else None, inner(*a, **k))[1]  # noqa: E731
-        swap[str(s.node.target)] = placed
+        swap[str(s.node.target)] = _reading(placed, grab(s.name)) if s.name in auto_names else placed
     try:
         with torch.no_grad():
             if isinstance(gm, fx.GraphModule):
@@ -177,6 +174,16 @@ def _capture_inputs(gm, slots, auto, decisions, cfg, inputs) -> dict:
         for h in hooks:
             h.remove()
     return samples
+
+
+def _reading(module, take):
+    """``module``'s call, handing its first argument to ``take`` first."""
+    def run(*args, **kwargs):
+        if args:
+            take(args[0])
+        return module(*args, **kwargs)
+
+    return run
 
 
 def _autotune(gm, slots, auto, decisions, cfg, inputs, dev, dtype, cache) -> None:
