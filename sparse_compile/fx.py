@@ -1,12 +1,35 @@
 """FX tracing shared by the trainer and the compiler, with timm's and torchvision's leaf helpers."""
 from __future__ import annotations
 
+import operator
 from typing import Iterable, Optional
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 SPARSE_TYPES = (nn.Linear, nn.Conv2d)
+
+# Ops that act elementwise on one tensor (activations, dropout, identity): each channel keeps its
+# place, so an ablated neuron's constant output stays one constant. Shared by the compiler's
+# propagation rules (sparse_compile.compiler.rules) and the FLOP count (sparse_compile.analysis.flops).
+UNARY_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout,
+)
+UNARY_ELEMENTWISE_FUNCTIONS = frozenset({
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid,
+    torch.sigmoid, F.tanh, torch.tanh, torch.clamp, torch.clip, torch.neg, torch.abs, torch.exp,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, operator.neg,
+})
+UNARY_ELEMENTWISE_METHODS = frozenset({
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_",
+    "neg", "abs", "exp", "contiguous", "clone",
+})
 
 
 def _timm_notrace():

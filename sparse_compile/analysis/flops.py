@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import analyze, get_mask
+from ..fx import UNARY_ELEMENTWISE_FUNCTIONS, UNARY_ELEMENTWISE_METHODS, UNARY_ELEMENTWISE_MODULES
 
 __all__ = ["FlopCount", "FlopReport", "flops", "TrainingFlops", "training_flops"]
 
@@ -140,17 +141,13 @@ class FlopReport(list):
 
 # Ops through which a channel / feature keeps its identity, so an ablated producer neuron stays a
 # removable (constant) input of the consumer. Anything else stops the search.
-_PASS_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
-    nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity, nn.MaxPool2d,
-    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+_PASS_MODULES = UNARY_ELEMENTWISE_MODULES + (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
 )
-_PASS_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
-    torch.sigmoid, torch.tanh, F.dropout, torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
+_PASS_FUNCTIONS = UNARY_ELEMENTWISE_FUNCTIONS | {
+    torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
 }
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "flatten", "contiguous"}
+_PASS_METHODS = UNARY_ELEMENTWISE_METHODS | {"flatten"}
 
 
 def _producers(model: nn.Module) -> tuple[dict, str]:

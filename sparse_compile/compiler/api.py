@@ -10,19 +10,26 @@ condensed     ``torch.ops.sparse_compile`` condensed matmul / conv over the acti
 csr           a ``torch.sparse_csr`` weight over the active neurons
 ============= ================================================================================
 
-The pass (FX):
+The pipeline, top to bottom (:func:`_build`):
 
-1. copy the model (the input model is never changed), put it in eval mode, trace it;
-2. replace ``nn.MultiheadAttention`` by :class:`~sparse_compile.compiler.modules.ExplicitMultiheadAttention`
-   so its out-projection is a real, rewritable layer;
-3. every non-dense layer with ablated neurons outputs only its active neurons; the removal is
-   propagated through its consumers by :mod:`sparse_compile.compiler.propagate` (constants folded into the
-   next layer's bias, or restored by a constant-filled scatter where that is not exact); a layer
-   whose removal no consumer can absorb keeps its full width instead;
-4. each layer gets its form: the mode's, or in ``"auto"`` the fastest exact one, measured on the
-   target device with the shapes of ``example_inputs`` (cached, see :mod:`sparse_compile.compiler.cache`);
-5. the result is checked against the original on ``example_inputs``; layers whose rewrite changes
-   it are found by bisection and kept as they were, with a warning (``strict=True`` raises).
+1. **plan** (:mod:`.plan`): copy the model (the input model is never changed), put it in eval
+   mode, trace it with FX, record shapes on ``example_inputs``; replace ``nn.MultiheadAttention``
+   by :class:`~sparse_compile.compiler.modules.ExplicitMultiheadAttention` so its out-projection
+   is a real, rewritable layer; one :class:`~.plan.LayerPlan` per Linear / Conv2d;
+2. **propagate** (:mod:`.propagate`, rules in :mod:`.rules`): every non-dense layer with ablated
+   neurons outputs only its active neurons, and the removal is propagated through its consumers
+   (constants folded into the next layer's bias, or restored by a constant-filled scatter where
+   that is not exact). One pass analyses the graph; only the removals some layer absorbs are
+   applied (a layer whose removal nobody absorbs keeps its full width);
+3. **choose** (:mod:`.choose`): a :class:`~.choose.Decision` per layer: the mode's form, or in
+   ``"auto"`` the fastest exact one, measured on the target device with the shapes of
+   ``example_inputs`` (cached, see :mod:`sparse_compile.compiler.cache`); nothing is installed;
+4. **rewrite** (:mod:`.rewrite`): install the decisions;
+5. **verify** (:mod:`.verify`, :mod:`.exact`): the result is checked against the original on
+   ``example_inputs``; layers whose rewrite changes it are found by bisection and kept as they
+   were, with a warning (``strict=True`` raises);
+6. **report** (:mod:`.report`); in ``"auto"``, the whole-model check (:mod:`.whole_model`) then
+   times other decision sets over the same plan and keeps the fastest model.
 
 Only layers whose function is known exactly are rewritten (plain Linear / Conv2d, grouped convs,
 no hooks; see :mod:`sparse_compile.compiler.exact`); the others are kept, with the reason in the report.
@@ -36,22 +43,21 @@ from __future__ import annotations
 import copy
 import glob
 import warnings
-from dataclasses import asdict
+import weakref
 from typing import Optional, Union
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
-from .. import fx as tracing
-from .cache import DecisionCache
-from .choose import _choose_forms
 from . import exact
+from .cache import DecisionCache
+from .choose import choose
 from .config import MODES, OptimizeConfig
 from .forms import FORMS, FormHandler, register_form
-from .plan import _absorbs, _analyze_slot, _collect_slots, _producer_state
-from .propagate import propagate
+from .plan import make_plan
+from .propagate import propagate_plan
 from .report import LayerReport, OptimizeReport, _layer_report
+from .rewrite import rewrite
 from .verify import _default_rtol, relative_error
 from .whole_model import _whole_model_check
 
@@ -140,7 +146,7 @@ def optimize(
         cpu_kernels()  # the first build takes ~20 s: say so instead of going silent
     work = copy.deepcopy(model).eval().to(dev)
     inputs = None if example_inputs is None else tuple(_to_device(x, dev) for x in example_inputs)
-    reference, src = None, model  # src: what the bisection and the whole-model check rebuild from
+    reference, src = None, model  # src: what the bisection rebuilds from
     if cfg.dtype is not None:
         work, inputs, reference = _cast(work, inputs, getattr(torch, cfg.dtype))
         src = copy.deepcopy(work)  # rebuilds must start from the cast model, as `work` did
@@ -148,12 +154,14 @@ def optimize(
     # would override those choices.
     check = cfg.mode == "auto" and cfg.whole_model_check and inputs is not None
     original = copy.deepcopy(work) if check else None  # the build below rewrites `work`'s modules
-    gm = _build_verified(work, cfg, inputs, dev, uses_auto, fresh=lambda: copy.deepcopy(src).eval().to(dev))
+    plans = weakref.WeakKeyDictionary() if check else None  # result -> its plan before the rewrite
+    gm = _build_verified(work, cfg, inputs, dev, uses_auto, fresh=lambda: copy.deepcopy(src).eval().to(dev),
+                         plans=plans)
     if check:
         from ..progress import slow
 
         with slow("auto: timing the whole model against the original (a few seconds)", "whole-model check done"):
-            gm = _whole_model_check(gm, original, src, cfg, inputs, dev, uses_auto)
+            gm = _whole_model_check(gm, plans.pop(gm), original, cfg, inputs, dev)
     if reference is not None:
         with torch.no_grad():
             err = relative_error(gm(*inputs), reference)
@@ -205,12 +213,12 @@ def _say_what_is_missing(model: nn.Module, cfg: OptimizeConfig) -> None:
             "sparse_compile.load_checkpoint(model, path).", stacklevel=3)
 
 
-def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_level=4, fresh=None):
+def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_level=4, fresh=None, plans=None):
     """:func:`_build`; with example inputs, layers whose rewrite changes the output are found and
     kept as they were (or, with ``cfg.strict``, an error is raised); see :mod:`.exact`.
-    ``fresh()`` makes another copy like ``work`` for the bisection's rebuilds."""
+    ``fresh()`` makes another copy like ``work`` for the bisection's rebuilds; ``plans``: see :func:`_build`."""
     if inputs is None or not cfg.verify:
-        return _build(work, cfg, inputs, dev, uses_auto, keep=keep)
+        return _build(work, cfg, inputs, dev, uses_auto, keep=keep, plans=plans)
     with torch.no_grad():
         reference = work(*inputs)
     if fresh is None:
@@ -223,7 +231,7 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
     def build(more):
         if first[0]:
             first[0] = False
-            gm = _build(work, cfg, inputs, dev, uses_auto, keep=keep | more, reference=reference)
+            gm = _build(work, cfg, inputs, dev, uses_auto, keep=keep | more, reference=reference, plans=plans)
             forms = gm.sparse_compile_report.forms()
             if uses_auto and all(f in MODES for f in forms.values()):  # (a registered form is no mode)
                 # "auto" times the forms again in each rebuild and may choose differently (a busy
@@ -238,7 +246,7 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
         with warnings.catch_warnings():  # the first build warned already
             warnings.simplefilter("ignore")
             return _build(fresh(), c, inputs, dev, uses_auto and not pinned, keep=keep | more,
-                          reference=reference)
+                          reference=reference, plans=plans)
 
     def ok(gm):
         return gm.sparse_compile_report.verify_rel_err <= tol
@@ -247,76 +255,32 @@ def _build_verified(work, cfg, inputs, dev, uses_auto, keep=frozenset(), warn_le
 
 
 def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool, keep=frozenset(),
-           reference=None) -> nn.Module:
-    """Trace ``work`` (an eval-mode copy on ``dev``), rewrite its layers (except those named in
-    ``keep``), and measure its error against ``reference`` (the original's output on ``inputs``)."""
+           reference=None, plans=None) -> nn.Module:
+    """Plan ``work`` (an eval-mode copy on ``dev``), propagate, choose, rewrite (every layer except
+    those named in ``keep``), and report, with the error against ``reference`` (the original's
+    output on ``inputs``). ``plans`` (a ``WeakKeyDictionary``): the result's plan, as it was before
+    the rewrite, is kept there under the result (the whole-model check installs other decision sets
+    in copies of it)."""
     dtype = _model_dtype(work)
-
-    notes: list = []
-    traced = True
-    try:
-        gm = work if isinstance(work, fx.GraphModule) else tracing.trace(work, cfg.leaf_modules, exact.make_leaf)
-        gm.eval()
-    except Exception as e:  # FX raises many types (TraceError, TypeError, AttributeError...)
-        traced = False
-        gm = work
-        msg = (f"sparse_compile.optimize: FX cannot trace {type(work).__name__} "
-               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); swapping modules in "
-               "place instead (ablated neurons are not propagated across layers)")
-        warnings.warn(msg, stacklevel=3)
-        notes.append(msg)
-
-    if traced and inputs is not None:
-        try:
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
-        except Exception as e:  # shapes only sharpen propagation; without them it is conservative
-            notes.append(f"shape propagation failed ({type(e).__name__}: {e}); reshapes restore the full width")
-
-    slots = _collect_slots(gm, traced, cfg, notes, keep)
-    for s in slots:
-        _analyze_slot(s, cfg)
-
-    restores = []
-    if traced and cfg.structural:
-        producers = {}
-        for s in slots:
-            if s.node is not None and s.out_reduce:
-                producers[s.node] = _producer_state(s)
-        by_node = {s.node: s for s in slots if s.node is not None}
-        absorbs = lambda n, st: _absorbs(gm, by_node.get(n), n, st)  # noqa: E731
-        if producers:
-            # A reduction no layer absorbs would only be scattered back: such a layer computes its
-            # ablated rows (constant) itself instead, which is cheaper for the sparse forms.
-            plan = propagate(gm, producers, absorbs, dtype, dev, apply=False)
-            for s in slots:
-                if s.out_reduce and s.node.name not in plan.useful:
-                    s.out_reduce = False
-            producers = {n: st for n, st in producers.items() if n.name in plan.useful}
-        if producers:
-            res = propagate(gm, producers, absorbs, dtype, dev)
-            restores = [asdict(r) for r in res.restores]
-            for s in slots:
-                if s.node is not None and s.node.name in res.absorbed:
-                    s.in_state = res.absorbed[s.node.name]
-
+    plan = make_plan(work, cfg, inputs, keep)
+    propagate_plan(plan, dtype, dev)
     cache = DecisionCache(cfg.cache_dir, enabled=cfg.cache)
-    _choose_forms(gm, slots, cfg, inputs, dev, dtype, cache)
+    decisions = choose(plan.gm, plan.slots, cfg, inputs, dev, dtype, cache)
     cache.save()
-    for s in slots:
-        if s.in_leaf and s.form != "dense":
-            s.reason += f"; swapped in place inside {s.in_leaf} (FX does not trace into it)"
-        if s.form == "condensed" and s.kind == "conv2d" and s.module.groups == s.module.in_channels > 1:
-            s.reason += ("; depthwise: condensed as asked, but dense is often faster at fan-in 1-2 "
-                         "(bench/grouped_conv.py); mode 'auto' measures it")
+    pristine = plan.clone() if plans is not None else None
+    gm = _rewrite_and_report(plan, decisions, cfg, inputs, reference,
+                             cache={"dir": str(cache.path.parent), "hits": cache.hits, "misses": cache.misses}
+                             if uses_auto else None)
+    if plans is not None:
+        plans[gm] = pristine
+    return gm
 
-    if traced:
-        gm.graph.lint()
-        gm.recompile()
-        gm.delete_all_unused_submodules()
 
+def _rewrite_and_report(plan, decisions: dict, cfg: OptimizeConfig, inputs, reference, cache=None) -> nn.Module:
+    """Install ``decisions`` in ``plan`` (:func:`~.rewrite.rewrite`), check the result against
+    ``reference`` on ``inputs`` (when given) and attach the report and config."""
+    gm = rewrite(plan.gm, plan.slots, decisions, cfg)
+    notes = list(plan.notes)
     verify_err = None
     if reference is not None:
         try:
@@ -328,9 +292,9 @@ def _build(work: nn.Module, cfg: OptimizeConfig, inputs, dev, uses_auto: bool, k
         if verify_err != verify_err:
             verify_err = float("inf")
     report = OptimizeReport(
-        [_layer_report(s, cfg) for s in slots],
-        mode=cfg.mode, restores=restores, notes=notes, verify_rel_err=verify_err, traced=traced,
-        cache={"dir": str(cache.path.parent), "hits": cache.hits, "misses": cache.misses} if uses_auto else None,
+        [_layer_report(s, cfg) for s in plan.slots],
+        mode=cfg.mode, restores=plan.restores, notes=notes, verify_rel_err=verify_err, traced=plan.traced,
+        cache=cache,
     )
     gm.sparse_compile_report = report
     gm.sparse_compile_config = cfg.to_dict()

@@ -19,7 +19,17 @@ Options (all optional):
 * ``"inductor"``: False returns the optimized graph run eagerly instead of compiling it;
 * ``"max_autotune"``: True compiles with inductor's "max-autotune" mode (as does passing
   ``mode="max-autotune"`` to ``torch.compile``); ``"inductor_options"``: extra inductor config;
+* ``"reports"``: a list; the :class:`~sparse_compile.compiler.report.OptimizeReport` of each graph
+  the backend optimizes is appended to it (Dynamo compiles one graph per graph break, so a model
+  may give several);
 * any :class:`sparse_compile.OptimizeConfig` field (e.g. ``"repeats"``, ``"auto_forms"``).
+
+Example::
+
+    reports = []
+    c = torch.compile(model, backend="sparse_compile", options={"model": model, "reports": reports})
+    c(x)                 # compiles on the first call
+    print(reports[-1])   # what optimize did with the (last) captured graph
 
 The optimized graph holds its own (rewritten) copies of the weights: changing the model's
 parameters after compiling does not reach it. Compile again after training.
@@ -35,11 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sparse_compile_backend", "modularize", "last_report"]
-
-#: The :class:`~sparse_compile.compiler.report.OptimizeReport` of the most recent graph this backend
-#: compiled (Dynamo may compile several graphs per model: one per graph break).
-last_report = None
+__all__ = ["sparse_compile_backend", "modularize"]
 
 _LINEAR = {torch._C._nn.linear, F.linear}
 _CONV2D = {torch.conv2d, F.conv2d}
@@ -211,13 +217,17 @@ def sparse_compile_backend(gm: fx.GraphModule, example_inputs, mode: Optional[st
     use_inductor = bool(opts.pop("inductor", True))
     max_autotune = bool(opts.pop("max_autotune", False))
     inductor_options = dict(opts.pop("inductor_options", {}) or {})
+    reports = opts.pop("reports", None)
+    if reports is not None and not hasattr(reports, "append"):
+        raise TypeError(f"sparse_compile backend: option 'reports' must be a list to append to, "
+                        f"got {type(reports).__name__}")
     if unused:
         warnings.warn(f"sparse_compile backend: ignoring unexpected arguments {sorted(unused)}")
     cfg_fields = set(OptimizeConfig.__dataclass_fields__)
     bad = set(opts) - cfg_fields
     if bad:
         raise ValueError(f"sparse_compile backend: unknown option(s) {sorted(bad)}; known: mode, model, inductor, "
-                         f"max_autotune, inductor_options and the OptimizeConfig fields {sorted(cfg_fields)}")
+                         f"max_autotune, inductor_options, reports and the OptimizeConfig fields {sorted(cfg_fields)}")
     opts.setdefault("pad_condensed", model is None)
     cfg = OptimizeConfig(mode=opt_mode, **opts)
     inputs = list(example_inputs)
@@ -226,8 +236,8 @@ def sparse_compile_backend(gm: fx.GraphModule, example_inputs, mode: Optional[st
         # Inside a compile, "not converted" notes go to the report (opt.sparse_compile_report), not stderr.
         warnings.simplefilter("ignore", UserWarning)
         opt = optimize(gm, example_inputs=inputs, config=cfg)
-    global last_report
-    last_report = opt.sparse_compile_report
+    if reports is not None:
+        reports.append(opt.sparse_compile_report)
     if not use_inductor:
         return opt.forward
     from torch._inductor.compile_fx import compile_fx

@@ -2,6 +2,8 @@
 analysis, live mask, reduced output or input) and, once chosen, its form and module."""
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -15,7 +17,7 @@ from ..fx import set_submodule
 from . import exact
 from .config import OptimizeConfig, _mode_for
 from .modules import ExplicitMultiheadAttention
-from .propagate import Reduced
+from .rules import Reduced
 
 
 @dataclass
@@ -25,8 +27,10 @@ class LayerPlan:
     What a form handler (:func:`~sparse_compile.compiler.forms.register_form`) reads: ``name``,
     ``module`` (the original layer), ``kind`` ("linear" / "conv2d"), ``mode``, ``info`` (its
     :class:`~sparse_compile.formats.LayerAnalysis`), ``ablated`` / ``sparse`` / ``changed``, and
-    :meth:`effective` (the weight, mask and bias the form must compute with). The pass fills the
-    rest: ``form``, ``reason``, ``times`` / ``candidates`` / ``why_not`` ("auto"), ``new_module``.
+    :meth:`effective` (the weight, mask and bias the form must compute with). The rewrite
+    (:func:`~sparse_compile.compiler.rewrite.rewrite`) records the layer's
+    :class:`~sparse_compile.compiler.choose.Decision` in the rest: ``form``, ``reason``, ``times``
+    / ``candidates`` / ``why_not`` ("auto"), ``rel_err``, ``new_module``.
     """
 
     name: str
@@ -46,6 +50,7 @@ class LayerPlan:
     why_not: dict = field(default_factory=dict)  # form -> why it is not a candidate (or failed)
     rel_err: Optional[float] = None
     new_module: Optional[nn.Module] = None
+    #: Unused since choose captures the layers' inputs itself; kept so LayerPlan's fields stay as they were.
     sample: Optional[Tensor] = None
     # effective layer (rows x kept input columns), built lazily by _effective(), keyed by active_only
     eff: dict = field(default_factory=dict)
@@ -97,6 +102,67 @@ class LayerPlan:
         constant folded into ``bias``. What a :class:`~sparse_compile.compiler.forms.FormHandler`'s
         ``build`` starts from."""
         return _effective(self, self.active_only(form))
+
+
+@dataclass
+class Plan:
+    """The model the pass works on (traced, or the copy whose modules are swapped in place) and a
+    :class:`LayerPlan` per layer: what :func:`make_plan` and the propagation produce, before any
+    decision is installed. ``restores``: where the propagation restored the full width (dicts)."""
+
+    gm: nn.Module
+    slots: list
+    traced: bool
+    notes: list = field(default_factory=list)
+    restores: list = field(default_factory=list)
+
+    def clone(self) -> "Plan":
+        """An independent copy (model and layer plans) in which other decisions can be installed."""
+        gm = copy.deepcopy(self.gm)
+        nodes = {n.name: n for n in gm.graph.nodes} if isinstance(gm, fx.GraphModule) else {}
+        slots = []
+        for s in self.slots:
+            c = copy.copy(s)
+            try:
+                c.module = gm.get_submodule(s.name)
+            except AttributeError:  # neither called nor read by the graph: kept as is, never installed
+                pass
+            c.node = nodes.get(s.node.name) if s.node is not None else None
+            c.install = _installer(gm, s.name)
+            c.eff = {}  # rebuilt on demand, so no two models share a weight tensor
+            slots.append(c)
+        return Plan(gm, slots, self.traced, list(self.notes), list(self.restores))
+
+
+def make_plan(work: nn.Module, cfg: OptimizeConfig, inputs, keep=frozenset()) -> Plan:
+    """Trace ``work`` (an eval-mode copy on the target device; FX failing, its modules will be
+    swapped in place), record shapes on ``inputs``, and plan every layer (:func:`_collect_slots`,
+    :func:`_analyze_slot`); the layers named in ``keep`` stay as they are."""
+    notes: list = []
+    traced = True
+    try:
+        gm = work if isinstance(work, fx.GraphModule) else tracing.trace(work, cfg.leaf_modules, exact.make_leaf)
+        gm.eval()
+    except Exception as e:  # FX raises many types (TraceError, TypeError, AttributeError...)
+        traced = False
+        gm = work
+        msg = (f"sparse_compile.optimize: FX cannot trace {type(work).__name__} "
+               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); swapping modules in "
+               "place instead (ablated neurons are not propagated across layers)")
+        warnings.warn(msg, stacklevel=4)
+        notes.append(msg)
+    if traced and inputs is not None:
+        try:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*inputs)
+        except Exception as e:  # shapes only sharpen propagation; without them it is conservative
+            notes.append(f"shape propagation failed ({type(e).__name__}: {e}); reshapes restore the full width")
+    slots = _collect_slots(gm, traced, cfg, notes, keep)
+    for s in slots:
+        _analyze_slot(s, cfg)
+    return Plan(gm, slots, traced, notes)
 
 
 def _conv_padding(m: nn.Conv2d) -> Optional[tuple]:

@@ -1,69 +1,35 @@
 """Removal of ablated neurons and its propagation through their consumers (the ablated-dense pass).
 
 An ablated neuron's output is not zero but a constant: its bias, then whatever elementwise ops follow
-(BatchNorm in eval, activations, dropout, pooling). The pass runs over an FX graph in which some
-Linear / Conv2d nodes (the *producers*) have been told to output only their active neurons. It
-follows each reduced tensor forward with explicit coupling rules (the way Torch-Pruning does):
+(BatchNorm in eval, activations, dropout, pooling). Some Linear / Conv2d nodes of an FX graph (the
+*producers*) are told to output only their active neurons; each reduced tensor is followed forward
+with the coupling rules of :mod:`.rules` (the way Torch-Pruning does) until a layer absorbs it (its
+matching input columns go, its bias takes the constants' contribution) or a consumer needs the full
+width back (residual adds, concat, LayerNorm, reshapes into heads, the graph output, a layer that is
+not rewritten): a :class:`~sparse_compile.compiler.modules.ConstantScatter` inserted before it
+restores it, so the rewritten graph computes exactly what the original did.
 
-* elementwise ops (activations, Dropout, Identity, arithmetic with Python scalars) keep the
-  reduction; the constants go through the same op;
-* eval BatchNorm keeps it; the module is replaced by one over the kept channels;
-* pooling and means over non-channel dimensions keep it;
-* flatten keeps it (each channel becomes ``H*W`` features);
-* a Linear / Conv2d consumer absorbs it: its matching input columns are removed and its bias takes
-  the constant contribution (a Conv2d only when that contribution is the same at every position:
-  no padding, or constants that are exactly 0).
-
-Anything else (residual adds, concat, LayerNorm, reshapes into heads, the graph output, a consumer
-that is not rewritten) gets the full width back through a :class:`~sparse_compile.compiler.modules.ConstantScatter`
-inserted before it, so the rewritten graph computes exactly what the original did.
+One pass over the graph, :func:`analyse`, changes nothing: it returns a :class:`Propagation`, the
+edits in graph order and the producers whose reduction some layer absorbs (``useful``; a reduction
+that is only ever restored costs a scatter and saves nothing). :meth:`Propagation.apply` then makes
+the edits of the producers kept. :func:`propagate_plan` does both for a :class:`~.plan.Plan`.
 """
 from __future__ import annotations
 
-import copy
-import operator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from ..fx import set_submodule
 from .modules import ConstantScatter
+from .plan import Plan, _absorbs, _producer_state
+from .rules import (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, NeedFull, Reduced, _describe,
+                    _meta_dtype, _nodes_in, consume, slice_batchnorm)
 
-__all__ = ["Reduced", "Restore", "PropagationResult", "propagate", "ELEMENTWISE_MODULES"]
-
-
-@dataclass
-class Reduced:
-    """A tensor that holds only the kept channels along ``dim`` of its original full width.
-
-    ``dim`` is non-negative when the rank is known (from shape metadata, or 1 for a conv output),
-    else counted from the end (-1: a Linear output without metadata). ``const`` (float64, full
-    width) holds the value every dropped channel has at every position; entries of kept channels
-    are unused (0).
-    """
-
-    dim: int
-    keep: Tensor  # bool [C]
-    const: Tensor  # float64 [C]
-    origin: frozenset = frozenset()  # names of the producer nodes whose reduction this carries
-
-    @property
-    def width(self) -> int:
-        """Full width along ``dim``."""
-        return int(self.keep.numel())
-
-    @property
-    def n_kept(self) -> int:
-        """Channels actually present."""
-        return int(self.keep.sum())
-
-    def dropped_const(self) -> Tensor:
-        """Constants of the dropped channels, in channel order."""
-        return self.const[~self.keep]
+__all__ = ["Reduced", "Restore", "PropagationResult", "Propagation", "analyse", "propagate", "propagate_plan",
+           "ELEMENTWISE_MODULES", "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS"]
 
 
 @dataclass
@@ -77,439 +43,191 @@ class Restore:
 
 @dataclass
 class PropagationResult:
-    """Outcome of :func:`propagate`."""
+    """What applying a :class:`Propagation` did."""
 
     absorbed: dict = field(default_factory=dict)  # layer node name -> Reduced (its input)
     restores: list = field(default_factory=list)  # [Restore]
     useful: set = field(default_factory=set)  # producers whose reduction reached an absorbing layer
 
 
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout,
-)
-_DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
-ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid,
-    torch.sigmoid, F.tanh, torch.tanh, torch.clamp, torch.clip, torch.neg, torch.abs, torch.exp,
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
-    operator.iadd, operator.isub, operator.imul, operator.itruediv,
-    torch.add, torch.sub, torch.mul, torch.div, *_DROPOUT_FUNCS,
-}
-ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_",
-    "neg", "abs", "exp", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow",
-    "contiguous", "clone",
-}
-_POOL_MODULES = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
-_POOL_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d}
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+@dataclass
+class _Edit:
+    """One change the propagation makes, for the reduction of producer ``origin``.
 
-
-class _NeedFull(Exception):
-    """Raised by a rule: this consumer needs the full width (message = why).
-
-    ``later_users``: every later user must see the restored tensor too (an in-place op mutates it,
-    and whoever reads it afterwards must read the mutated full-width tensor).
+    kind "restore": a scatter restores ``x`` (a reduced node) for consumer ``node``; when several
+    reduced tensors meet at ``node`` (``shared``), ``alone`` is the reason had only this one been
+    reduced. kind "absorb": layer ``node`` drops ``state``'s columns. kind "batchnorm": BatchNorm
+    ``node`` keeps only ``state.keep``'s channels.
     """
 
-    def __init__(self, msg: str, later_users: bool = False):
-        super().__init__(msg)
-        self.later_users = later_users
+    kind: str
+    node: fx.Node
+    origin: str
+    state: Optional[Reduced] = None
+    x: Optional[fx.Node] = None
+    reason: str = ""
+    later_users: bool = False
+    shared: tuple = ()
+    alone: str = ""
 
 
-def _nodes_in(a) -> list:
-    out = []
-    fx.node.map_arg(a, lambda n: out.append(n))
-    return out
+@dataclass
+class Propagation:
+    """The outcome of :func:`analyse`: the edits in graph order, nothing changed yet."""
+
+    edits: list = field(default_factory=list)
+    useful: set = field(default_factory=set)  # producers whose reduction some layer absorbs
+
+    def apply(self, gm: fx.GraphModule, dtype: torch.dtype = torch.float32, device=None,
+              only: Optional[set] = None) -> PropagationResult:
+        """Make the edits of the producers named in ``only`` (all when None) in ``gm``, in place:
+        insert the :class:`ConstantScatter` restores (named ``sc_restore_<node>``) and slice the
+        BatchNorms. The caller rebuilds each absorbing layer from ``result.absorbed[node.name]``."""
+        res = PropagationResult()
+        kept = (lambda o: True) if only is None else (lambda o: o in only)  # noqa: E731
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        restored: dict = {}
+        for e in self.edits:
+            if not kept(e.origin):
+                continue
+            if e.kind == "absorb":
+                res.absorbed[e.node.name] = e.state
+                res.useful.add(e.origin)
+            elif e.kind == "batchnorm":
+                set_submodule(gm, e.node.target, slice_batchnorm(gm.get_submodule(e.node.target), e.state.keep))
+            else:
+                reason = e.reason
+                if e.shared and sum(kept(o) for o in e.shared) < 2:
+                    reason = e.alone  # the other reduced tensors met here are not reduced after all
+                res.restores.append(Restore(e.x.name, e.node.name, reason))
+                _restore(gm, e, restored, order, dtype, device)
+        gm.graph.lint()
+        gm.recompile()
+        return res
 
 
-def _meta_shape(node) -> Optional[tuple]:
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    shape = getattr(tm, "shape", None)
-    return tuple(int(s) for s in shape) if shape is not None else None
+def _restore(gm, e: _Edit, restored: dict, order: dict, dtype, device) -> None:
+    x, user, s = e.x, e.node, e.state
+    if x not in restored:
+        name = f"sc_restore_{x.name}"
+        fill = s.const.to(dtype=_meta_dtype(x, dtype), device=device)
+        idx = torch.nonzero(s.keep).flatten().to(device)
+        gm.add_submodule(name, ConstantScatter(s.dim, idx, fill))
+        with gm.graph.inserting_after(x):
+            r = gm.graph.call_module(name, (x,))
+        restored[x] = r
+        if "tensor_meta" in x.meta:
+            r.meta["tensor_meta"] = x.meta["tensor_meta"]
+    user.replace_input_with(x, restored[x])
+    if e.later_users:
+        for u in list(x.users):
+            if u is not restored[x] and order.get(u, -1) > order[user]:
+                u.replace_input_with(x, restored[x])
 
 
-def _meta_dtype(node, default=torch.float32):
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return getattr(tm, "dtype", None) or default
-
-
-def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
-    if node.op == "call_function":
-        return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
-    if node.op == "call_method":
-        return f"{node.name} (.{node.target}())"
-    return f"{node.name} ({node.op})"
-
-
-def _is_inplace(gm, node) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    if node.op == "call_function":
-        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
-            return True
-        return getattr(node.target, "__name__", "").endswith("_") or bool(node.kwargs.get("inplace"))
-    return False
-
-
-def _apply_elementwise(gm, node, x: fx.Node, s: Reduced) -> Reduced:
-    """Run the op on the dropped channels' constants (in the graph's dtype, as the model would)."""
-    others = [n for n in _nodes_in((node.args, node.kwargs)) if n is not x]
-    if others:
-        raise _NeedFull(f"{_describe(gm, node)} combines it with another tensor")
-    if _is_inplace(gm, node) and len(x.users) > 1:
-        raise _NeedFull(f"{_describe(gm, node)} modifies it in place and it has other users", later_users=True)
-    if node.op == "call_function" and node.target in _DROPOUT_FUNCS:
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        if training is not False:
-            raise _NeedFull(f"{_describe(gm, node)} is dropout in training mode")
-    dtype = _meta_dtype(x)
-    c = s.dropped_const().to(dtype)
-    sub = lambda a: fx.node.map_arg(a, lambda n: c.clone())  # noqa: E731
-    with torch.no_grad():
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            if m.training and isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
-                raise _NeedFull(f"{_describe(gm, node)} is dropout in training mode")
-            out = m(c.clone())
-        elif node.op == "call_function":
-            out = node.target(*sub(node.args), **sub(node.kwargs))
-        else:
-            args = sub(node.args)
-            out = getattr(args[0], node.target)(*args[1:], **sub(node.kwargs))
-    if not isinstance(out, Tensor) or out.shape != c.shape:
-        raise _NeedFull(f"{_describe(gm, node)} is not elementwise on it")
-    const = torch.zeros_like(s.const)
-    const[~s.keep] = out.to(torch.float64)
-    return Reduced(s.dim, s.keep, const, s.origin)
-
-
-def _rule_batchnorm(gm, node, x, s: Reduced, res: PropagationResult, uses: dict, apply: bool) -> Reduced:
-    m = gm.get_submodule(node.target)
-    if s.dim != 1:
-        raise _NeedFull(f"{_describe(gm, node)} normalises dim 1 but the reduced dim is {s.dim}")
-    if m.training or not m.track_running_stats or m.running_mean is None:
-        raise _NeedFull(f"{_describe(gm, node)} is not in eval mode with running statistics")
-    if uses[node.target] > 1:
-        raise _NeedFull(f"{_describe(gm, node)} is called at several places")
-    keep = s.keep.to(m.running_mean.device)
-    drop = ~keep
-    dtype = _meta_dtype(x)
-    with torch.no_grad():
-        c = s.dropped_const().to(dtype).reshape(1, -1)
-        w = None if m.weight is None else m.weight[drop]
-        b = None if m.bias is None else m.bias[drop]
-        out = F.batch_norm(c, m.running_mean[drop], m.running_var[drop], w, b, False, 0.0, m.eps)
-    const = torch.zeros_like(s.const)
-    const[~s.keep] = out.reshape(-1).to(torch.float64)
-    if not apply:
-        return Reduced(s.dim, s.keep, const, s.origin)
-    new = copy.deepcopy(m)
-    n = int(keep.sum())
-    new.num_features = n
-    with torch.no_grad():
-        if m.weight is not None:
-            new.weight = nn.Parameter(m.weight[keep].clone(), m.weight.requires_grad)
-        if m.bias is not None:
-            new.bias = nn.Parameter(m.bias[keep].clone(), m.bias.requires_grad)
-        new.running_mean = m.running_mean[keep].clone()
-        new.running_var = m.running_var[keep].clone()
-    set_submodule(gm, node.target, new)
-    return Reduced(s.dim, s.keep, const, s.origin)
-
-
-def _rule_pool(gm, node, x, s: Reduced) -> Reduced:
-    if s.dim != 1:
-        raise _NeedFull(f"{_describe(gm, node)} pools NCHW but the reduced dim is {s.dim}")
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, nn.AvgPool2d):
-            pad = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)
-            if (any(pad) and m.count_include_pad) or m.divisor_override:
-                raise _NeedFull(f"{_describe(gm, node)} averages in padding, so a constant does not stay constant")
-    elif node.target is F.avg_pool2d:
-        a = list(node.args) + [None] * 8
-        pad = node.kwargs.get("padding", a[3] if a[3] is not None else 0)
-        cip = node.kwargs.get("count_include_pad", a[5] if a[5] is not None else True)
-        div = node.kwargs.get("divisor_override", a[6])
-        pad = pad if isinstance(pad, (tuple, list)) else (pad,)
-        if (any(pad) and cip) or div:
-            raise _NeedFull(f"{_describe(gm, node)} averages in padding, so a constant does not stay constant")
-    if _nodes_in((node.args[1:], node.kwargs)):
-        raise _NeedFull(f"{_describe(gm, node)} has tensor arguments")
-    return Reduced(1, s.keep, s.const, s.origin)
-
-
-def _reduce_dims(node) -> Optional[tuple]:
-    a = node.args
-    dims = node.kwargs.get("dim", a[1] if len(a) > 1 else None)
-    keepdim = node.kwargs.get("keepdim", a[2] if len(a) > 2 else False)
-    if dims is None:
-        return None
-    if isinstance(dims, int):
-        dims = (dims,)
-    return tuple(dims), bool(keepdim)
-
-
-def _rule_mean(gm, node, x, s: Reduced) -> Reduced:
-    shape = _meta_shape(x)
-    rd = _reduce_dims(node)
-    if shape is None or rd is None or s.dim < 0:
-        raise _NeedFull(f"{_describe(gm, node)}: reduction over unknown dimensions")
-    dims, keepdim = rd
-    nd = len(shape)
-    dims = {d % nd for d in dims}
-    if s.dim in dims:
-        raise _NeedFull(f"{_describe(gm, node)} reduces over the channel dimension")
-    new_dim = s.dim if keepdim else s.dim - sum(1 for d in dims if d < s.dim)
-    return Reduced(new_dim, s.keep, s.const, s.origin)
-
-
-def _flatten_args(gm, node) -> Optional[tuple]:
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        return m.start_dim, m.end_dim
-    a = node.args
-    start = node.kwargs.get("start_dim", a[1] if len(a) > 1 else 0)
-    end = node.kwargs.get("end_dim", a[2] if len(a) > 2 else -1)
-    return start, end
-
-
-def _merge(s: Reduced, shape: tuple, start: int, end: int, gm, node) -> Reduced:
-    nd = len(shape)
-    start, end = start % nd, end % nd
-    d = s.dim
-    if d < start:
-        return s
-    if d > end:
-        return Reduced(d - (end - start), s.keep, s.const, s.origin)
-    before = 1
-    for v in shape[start:d]:
-        before *= v
-    if before != 1:
-        raise _NeedFull(f"{_describe(gm, node)} interleaves the channel dimension with others")
-    after = 1
-    for v in shape[d + 1:end + 1]:
-        after *= v
-    return Reduced(start, s.keep.repeat_interleave(after), s.const.repeat_interleave(after), s.origin)
-
-
-def _rule_flatten(gm, node, x, s: Reduced) -> Reduced:
-    shape = _meta_shape(x)
-    if shape is None or s.dim < 0:
-        raise _NeedFull(f"{_describe(gm, node)}: flatten without shape information")
-    start, end = _flatten_args(gm, node)
-    if not isinstance(start, int) or not isinstance(end, int):
-        raise _NeedFull(f"{_describe(gm, node)}: flatten with dynamic dims")
-    return _merge(s, shape, start, end, gm, node)
-
-
-def _rule_reshape(gm, node, x, s: Reduced) -> Reduced:
-    """A view/reshape that only merges a run of dims starting at the channel dim is a flatten."""
-    a, b = _meta_shape(x), _meta_shape(node)
-    if a is None or b is None or s.dim < 0:
-        raise _NeedFull(f"{_describe(gm, node)}: reshape without shape information")
-    if a == b:
-        return s
-    for end in range(len(a)):
-        for start in range(0, end + 1):
-            merged = a[:start] + (_prod(a[start:end + 1]),) + a[end + 1:]
-            if merged == b and start <= s.dim:
-                return _merge(s, a, start, end, gm, node)
-    raise _NeedFull(f"{_describe(gm, node)} reshapes the channel dimension")
-
-
-def _prod(t) -> int:
-    p = 1
-    for v in t:
-        p *= v
-    return p
-
-
-def _plain(m: nn.Module) -> bool:
-    """Whether ``m`` computes exactly what its torch.nn class does: a subclass with its own
-    ``forward`` (e.g. timm's BatchNormAct2d, which adds an activation, or AvgPool2dSame, which pads
-    in forward) or a module with forward hooks is not (the rules would misjudge it)."""
-    if m._forward_hooks or m._forward_pre_hooks:
-        return False
-    for base in type(m).__mro__:
-        if base.__module__.startswith("torch.nn.modules") and "forward" in vars(base):
-            return type(m).forward is base.forward
-    return False
-
-
-def _classify(gm, node, x: fx.Node):
-    """The rule for ``node`` consuming reduced ``x``: a name, or None (needs full width)."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if node.args and node.args[0] is x and _plain(m):
-            if isinstance(m, ELEMENTWISE_MODULES):
-                return "elementwise"
-            if isinstance(m, _BN):
-                return "batchnorm"
-            if isinstance(m, _POOL_MODULES):
-                return "pool"
-            if isinstance(m, nn.Flatten):
-                return "flatten"
-        return None
-    if node.op == "call_function":
-        t = node.target
-        first = node.args[0] if node.args else None
-        if t in ELEMENTWISE_FUNCTIONS and (first is x or (len(node.args) > 1 and node.args[1] is x)):
-            return "elementwise"
-        if first is not x:
-            return None
-        if t in _POOL_FUNCTIONS:
-            return "pool"
-        if t is torch.flatten:
-            return "flatten"
-        if t in (torch.mean, torch.amax, torch.amin):
-            return "mean"
-        return None
-    if node.op == "call_method":
-        if not node.args or node.args[0] is not x:
-            return None
-        name = node.target
-        if name in ELEMENTWISE_METHODS:
-            return "elementwise"
-        if name == "flatten":
-            return "flatten"
-        if name in ("mean", "amax", "amin"):
-            return "mean"
-        if name in ("view", "reshape"):
-            return "reshape"
-        if name == "size":
-            return "size"
-        if name == "dim":
-            return "passive"
-    return None
-
-
-def propagate(
-    gm: fx.GraphModule,
-    producers: dict,
-    absorbs: Callable[[fx.Node, Reduced], Optional[str]],
-    dtype: torch.dtype = torch.float32,
-    device=None,
-    apply: bool = True,
-) -> PropagationResult:
-    """Propagate output reductions through ``gm`` (in place) and restore the full width where needed.
-
-    With ``apply=False`` nothing is changed: the result only says what would happen (in particular
-    ``useful``, the producers whose reduction some layer absorbs; a reduction that only ever gets
-    restored costs a scatter and saves nothing).
+def analyse(gm: fx.GraphModule, producers: dict,
+            absorbs: Callable[[fx.Node, Reduced], Optional[str]]) -> Propagation:
+    """Follow the output reductions of ``producers`` through ``gm``, changing nothing.
 
     ``producers`` maps Linear/Conv2d nodes (whose modules will output only their kept neurons) to
     their :class:`Reduced` state. ``absorbs(node, state)`` is asked for every Linear/Conv2d node fed
-    by a reduced tensor: None when it will drop those input columns (the caller then rebuilds it
-    from ``result.absorbed[node.name]``), else the reason it cannot. Inserts
-    :class:`~sparse_compile.compiler.modules.ConstantScatter` modules (named ``sc_restore_<node>``) and
-    replaces BatchNorm modules by sliced copies.
+    by a reduced tensor: None when it will drop those input columns, else the reason it cannot.
     """
-    res = PropagationResult()
+    out = Propagation()
     state: dict = {}
-    restored: dict = {}
     uses: dict = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             uses[n.target] = uses.get(n.target, 0) + 1
 
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-
-    def restore(x: fx.Node, user: fx.Node, reason: str, later_users: bool = False) -> None:
-        s = state[x]
-        res.restores.append(Restore(x.name, user.name, reason))
-        if not apply:
-            return
-        if x not in restored:
-            name = f"sc_restore_{x.name}"
-            fill = s.const.to(dtype=_meta_dtype(x, dtype), device=device)
-            idx = torch.nonzero(s.keep).flatten().to(device)
-            gm.add_submodule(name, ConstantScatter(s.dim, idx, fill))
-            with gm.graph.inserting_after(x):
-                r = gm.graph.call_module(name, (x,))
-            restored[x] = r
-            if "tensor_meta" in x.meta:
-                r.meta["tensor_meta"] = x.meta["tensor_meta"]
-        user.replace_input_with(x, restored[x])
-        if later_users:
-            for u in list(x.users):
-                if u is not restored[x] and order.get(u, -1) > order[user]:
-                    u.replace_input_with(x, restored[x])
+    def origin(x) -> str:
+        (o,) = state[x].origin  # a reduced tensor carries one producer's reduction (meeting ones restore)
+        return o
 
     for node in list(gm.graph.nodes):
         reduced_in = list(dict.fromkeys(a for a in _nodes_in((node.args, node.kwargs)) if a in state))
         new_state = None
         if node.op == "output":
             for x in reduced_in:
-                restore(x, node, "graph output")
+                out.edits.append(_Edit("restore", node, origin(x), state[x], x, "graph output"))
         elif len(reduced_in) == 1:
             x = reduced_in[0]
-            s = state[x]
             try:
-                new_state = _consume(gm, node, x, s, res, uses, absorbs, apply)
-            except _NeedFull as e:
-                restore(x, node, str(e), e.later_users)
-                new_state = None
+                new_state, edit = consume(gm, node, x, state[x], uses, absorbs)
+            except NeedFull as e:
+                out.edits.append(_Edit("restore", node, origin(x), state[x], x, str(e), e.later_users))
+            else:
+                if edit is not None:
+                    out.edits.append(_Edit(edit[0], node, origin(x), edit[1] if edit[0] == "absorb" else
+                                           Reduced(state[x].dim, edit[1], state[x].const)))
+                    if edit[0] == "absorb":
+                        out.useful.add(origin(x))
         elif len(reduced_in) > 1:
+            shared = tuple(origin(x) for x in reduced_in)
             for x in reduced_in:
-                restore(x, node, f"{_describe(gm, node)} combines several reduced tensors")
+                out.edits.append(_Edit("restore", node, origin(x), state[x], x,
+                                       f"{_describe(gm, node)} combines several reduced tensors", shared=shared,
+                                       alone=_alone(gm, node, x, state[x], uses, absorbs)))
         if node in producers:
             p = producers[node]
             new_state = Reduced(p.dim, p.keep, p.const, frozenset([node.name]))
         if new_state is not None:
             state[node] = new_state
+    return out
+
+
+def _alone(gm, node, x, s: Reduced, uses: dict, absorbs) -> str:
+    """Why ``node`` would restore ``x`` were it the only reduced tensor ``node`` reads."""
+    try:
+        consume(gm, node, x, s, uses, absorbs)
+    except NeedFull as e:
+        return str(e)
+    # Not reached by any rule today (each one that accepts a tensor refuses a second reduced
+    # operand); should one, restoring stays exact, it only saves less.
+    return f"{_describe(gm, node)} also reads another reduced tensor"
+
+
+def propagate(gm: fx.GraphModule, producers: dict, absorbs: Callable[[fx.Node, Reduced], Optional[str]],
+              dtype: torch.dtype = torch.float32, device=None, apply: bool = True) -> PropagationResult:
+    """:func:`analyse`, then (with ``apply``) :meth:`Propagation.apply` for every producer.
+
+    With ``apply=False`` nothing is changed: the result only says what would happen (``absorbed``,
+    ``restores``, ``useful``).
+    """
+    p = analyse(gm, producers, absorbs)
     if apply:
-        gm.graph.lint()
-        gm.recompile()
+        return p.apply(gm, dtype, device)
+    res = PropagationResult(useful=set(p.useful))
+    for e in p.edits:
+        if e.kind == "absorb":
+            res.absorbed[e.node.name] = e.state
+        elif e.kind == "restore":
+            res.restores.append(Restore(e.x.name, e.node.name, e.reason))
     return res
 
 
-def _consume(gm, node, x, s: Reduced, res: PropagationResult, uses: dict, absorbs,
-             apply: bool = True) -> Optional[Reduced]:
-    """New state of ``node`` consuming reduced ``x`` (None: node's output is not reduced)."""
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, nn.Conv2d)):
-        if node.args and node.args[0] is x and len(_nodes_in((node.args, node.kwargs))) == 1:
-            why = absorbs(node, s)
-            if why is None:
-                res.absorbed[node.name] = s
-                res.useful |= s.origin
-                return None
-            raise _NeedFull(why)
-        raise _NeedFull(f"{_describe(gm, node)} takes it in an unexpected position")
-    rule = _classify(gm, node, x)
-    if rule is None:
-        raise _NeedFull(f"{_describe(gm, node)} needs the full width")
-    if rule == "elementwise":
-        return _apply_elementwise(gm, node, x, s)
-    if rule == "batchnorm":
-        return _rule_batchnorm(gm, node, x, s, res, uses, apply)
-    if rule == "pool":
-        return _rule_pool(gm, node, x, s)
-    if rule == "flatten":
-        return _rule_flatten(gm, node, x, s)
-    if rule == "mean":
-        return _rule_mean(gm, node, x, s)
-    if rule == "reshape":
-        return _rule_reshape(gm, node, x, s)
-    if rule == "size":
-        a = node.args
-        d = node.kwargs.get("dim", a[1] if len(a) > 1 else None)
-        if isinstance(d, int):
-            nd = len(_meta_shape(x) or ())
-            if nd and s.dim >= 0 and d % nd != s.dim:
-                return None
-            if s.dim < 0 and d < 0 and d != s.dim:
-                return None
-        raise _NeedFull(f"{_describe(gm, node)} reads the channel count")
-    if rule == "passive":
-        return None
-    raise _NeedFull(f"{_describe(gm, node)} needs the full width")
+def propagate_plan(plan: Plan, dtype: torch.dtype, device) -> None:
+    """Reduce every ablated layer of ``plan`` whose removal some consumer absorbs, in one pass.
+
+    A reduction no layer absorbs would only be scattered back: such a layer computes its ablated
+    rows (constant) itself instead, which is cheaper for the sparse forms (its ``out_reduce`` is
+    cleared). The absorbing layers get their ``in_state``; ``plan.restores`` says where the full
+    width came back.
+    """
+    if not plan.traced:
+        return
+    producers = {s.node: _producer_state(s) for s in plan.slots if s.node is not None and s.out_reduce}
+    if not producers:
+        return
+    by_node = {s.node: s for s in plan.slots if s.node is not None}
+    found = analyse(plan.gm, producers, lambda n, st: _absorbs(plan.gm, by_node.get(n), n, st))
+    for s in plan.slots:
+        if s.out_reduce and s.node.name not in found.useful:
+            s.out_reduce = False
+    if not found.useful:
+        return
+    res = found.apply(plan.gm, dtype, device, only=found.useful)
+    plan.restores = [asdict(r) for r in res.restores]
+    for s in plan.slots:
+        if s.node is not None and s.node.name in res.absorbed:
+            s.in_state = res.absorbed[s.node.name]

@@ -1,11 +1,13 @@
-"""Install the chosen modules into the model (with a scatter where active rows go back in place)."""
+"""Install the chosen decisions into the planned model (with a scatter where active rows go back in place)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.fx as fx
 from torch import nn
 
+from .forms import FORMS
 from .modules import ConstantScatter
 from .plan import LayerPlan
 
@@ -30,3 +32,24 @@ def _placed(slot: LayerPlan, module: nn.Module, form: Optional[str] = None) -> n
 def _install(s: LayerPlan) -> None:
     if s.form != "dense" or s.new_module is not s.module:
         s.install(_placed(s, s.new_module))
+
+
+def rewrite(gm: nn.Module, slots: list, decisions: dict, cfg) -> nn.Module:
+    """Install ``decisions`` (layer name -> :class:`~.choose.Decision`) into ``gm`` in place.
+
+    Each layer's plan records its decision (``form``, ``reason``, ``times``, ``candidates``,
+    ``why_not``, ``rel_err``, ``new_module``: what the report reads); a decision without a module
+    gets one built by its form's handler. A traced ``gm`` is recompiled and loses the modules no
+    longer called. Returns ``gm``.
+    """
+    for s in slots:
+        d = decisions[s.name]
+        s.form, s.reason, s.rel_err = d.form, d.reason, d.rel_err
+        s.times, s.candidates, s.why_not = dict(d.times_us), list(d.candidates), dict(d.why_not)
+        s.new_module = d.module if d.module is not None else FORMS[d.form].build(s, cfg)
+        _install(s)
+    if isinstance(gm, fx.GraphModule):
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+    return gm

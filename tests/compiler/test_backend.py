@@ -8,7 +8,6 @@ import torch
 import torchvision
 from torch import nn
 
-from sparse_compile.compiler import backend as B
 from sparse_compile.compiler import relative_error
 from sparse_models import srigl_init
 
@@ -45,12 +44,15 @@ def test_entry_point_found_without_import():
 def test_mlp_matches_and_is_rewritten():
     model = srigl_init(mlp())
     x = torch.randn(3, 64)
-    c = torch.compile(model, backend="sparse_compile", options={"mode": "condensed", "model": model})
+    reports = []
+    c = torch.compile(model, backend="sparse_compile", options={"mode": "condensed", "model": model,
+                                                                "reports": reports})
     with torch.no_grad():
         assert relative_error(c(x), model(x)) <= RTOL
-    forms = B.last_report.forms()
+    (report,) = reports  # one graph, no graph break
+    forms = report.forms()
     assert forms["0"] == "condensed" and forms["2"] == "condensed"  # named after the model's layers
-    assert all(r.output == "reduced" for r in B.last_report if r.ablated and r.name != "4")
+    assert all(r.output == "reduced" for r in report if r.ablated and r.name != "4")
 
 
 @pytest.mark.slow
@@ -61,10 +63,12 @@ def test_resnet18_matches():
             dead = ~blk.conv1.weight_mask.flatten(1).any(1)
             blk.bn1.bias[dead] = -3.0
     x = torch.randn(1, 3, 32, 32)
-    c = torch.compile(model, backend="sparse_compile", options={"mode": "ablated_dense", "model": model})
+    reports = []
+    c = torch.compile(model, backend="sparse_compile", options={"mode": "ablated_dense", "model": model,
+                                                                "reports": reports})
     with torch.no_grad():
         assert relative_error(c(x), model(x)) <= RTOL
-    rep = {r.name: r for r in B.last_report}
+    rep = {r.name: r for r in reports[-1]}
     # Dynamo's functional batch_norm became a module again, so the reduction went through it.
     for blk in ("layer1.0", "layer2.1"):
         assert rep[f"{blk}.conv1"].output == "reduced"
@@ -78,10 +82,19 @@ def test_masks_from_zeros_without_model_option():
         live = model[2].weight_mask.nonzero()[0]
         model[2].weight[live[0], live[1]] = 0.0
     x = torch.randn(2, 64)
-    c = torch.compile(model, backend="sparse_compile", options={"mode": "condensed", "inductor": False})
+    reports = []
+    c = torch.compile(model, backend="sparse_compile", options={"mode": "condensed", "inductor": False,
+                                                                "reports": reports})
     with torch.no_grad():
         assert relative_error(c(x), model(x)) <= RTOL
-    assert B.last_report.forms()["2"] == "condensed"  # padded to the max fan-in, still exact
+    assert reports[-1].forms()["2"] == "condensed"  # padded to the max fan-in, still exact
+
+
+def test_reports_option_must_be_a_list():
+    c = torch.compile(mlp(), backend="sparse_compile", options={"mode": "dense", "reports": "no"})
+    with pytest.raises(Exception, match="'reports' must be a list"):
+        c(torch.randn(1, 64))
+
 
 
 def test_bad_option_is_a_clear_error():
