@@ -26,7 +26,7 @@ class LayerPlan:
 
     What a form handler (:func:`~sparse_compile.compiler.forms.register_form`) reads: ``name``,
     ``module`` (the original layer), ``kind`` ("linear" / "conv2d"), ``mode``, ``info`` (its
-    :class:`~sparse_compile.formats.LayerAnalysis`), ``ablated`` / ``sparse`` / ``changed``, and
+    :class:`~sparse_compile.formats.WeightAnalysis`), ``ablated`` / ``sparse`` / ``changed``, and
     :meth:`effective` (the weight, mask and bias the form must compute with). The rewrite
     (:func:`~sparse_compile.compiler.rewrite.rewrite`) records the layer's
     :class:`~sparse_compile.compiler.choose.Decision` in the rest: ``form``, ``reason``, ``times``
@@ -39,7 +39,7 @@ class LayerPlan:
     node: Optional[fx.Node] = None
     mode: str = "dense"
     shared: bool = False
-    info: Optional[formats.LayerAnalysis] = None
+    info: Optional[formats.WeightAnalysis] = None
     live: Optional[Tensor] = None
     out_reduce: bool = False
     in_state: Optional[Reduced] = None
