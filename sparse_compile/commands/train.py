@@ -75,6 +75,7 @@ def register(sub) -> None:
 def run(args) -> int:
     """Resolve the recipe, train, print the final inspect table."""
     from sparse_compile.models.recipes import Recipe
+    from sparse_compile.train.distributed import end_worker
     from sparse_compile.train.loop import _dist, resolve_recipe, train
 
     base, seed = args.recipe, args.seed
@@ -124,8 +125,6 @@ def run(args) -> int:
         print(res["inspect"])
         print(f"test accuracy {res['test_accuracy']:.4f}; wrote {Path(args.out) / 'model.safetensors'} and "
               f"{Path(args.out) / 'report.json'}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Rank 0 hosts torchrun's store: no rank may tear down while another still talks to it.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # Under torchrun: leave together and skip the process teardown gloo can abort in (see end_worker).
+    end_worker(0)
     return 0

@@ -230,3 +230,11 @@ def test_model_args_reach_the_builder_the_checkpoint_and_optimize(tmp_path, caps
     assert main(["train", "--recipe", "digits_mlp", "--model-arg", "width=3", "--out", str(tmp_path / "x"),
                  *FAST]) == 1
     assert "takes no argument 'width'" in capsys.readouterr().err
+
+
+def test_end_worker_returns_without_a_process_group():
+    """Only a torchrun worker (an initialised group) is ended; a single process returns normally."""
+    from sparse_compile.train.distributed import end_worker
+
+    assert not torch.distributed.is_initialized()
+    assert end_worker(0) is None
