@@ -482,6 +482,7 @@ def test_whole_model_check_falls_back_to_the_original_layers(sparse_mlp, monkeyp
     assert rep.mode == "auto" and rep.cache["misses"] + rep.cache["hits"] > 0
     big = [r for r in rep if r.name == "2"][0]
     assert big.times_us and "whole model ran faster" in big.reason  # the per-layer timings stay reported
+    assert big.coverage == "auto: the whole model ran faster with its original layers"  # not "mode 'dense'"
     # the second pair is rescaled to the first pair's original: 2.5 * 2.0 / 2.0
     ms = rep.whole_model["median_ms"]
     assert (ms["optimized"], ms["without structural changes"], ms["original"]) == (3.0, 2.5, 2.0)
