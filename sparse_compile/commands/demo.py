@@ -7,13 +7,13 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo", help="train dense / RigL / SRigL on digits, optimize, time a ViT layer, write plots",
         description="Train a 64-1024-1024-10 MLP on scikit-learn's digits dense, with RigL and with SRigL at 90% "
-                    "sparsity (8 epochs each); inspect the SRigL model and optimize it (mode auto, batch 1, this "
+                    "sparsity (6 epochs each); inspect the SRigL model and optimize it (mode auto, batch 1, this "
                     "CPU), printing its measured whole-model speedup beside its accuracy; time a 90%-sparse "
                     "ViT-B/16 MLP layer (dense, CSR, condensed) at batch 1; write report.json and PNG plots. "
                     "Every number is measured in the run.",
     )
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs per model (default 8)")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs per model (default 6)")
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024], metavar="WIDTH",
                    help="hidden layer widths of the MLP (default: 1024 1024; the digits_mlp recipe's 300 100 is "
                         "too small for a sparse form to beat dense at batch 1)")
