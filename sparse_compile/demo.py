@@ -24,7 +24,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 from .benchmark.weights import random_layer
 from .timing import cpu_model
