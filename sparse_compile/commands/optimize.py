@@ -127,7 +127,12 @@ def _model_name(args) -> str:
                          "do); pass --model NAME (see sparse_compile.models.list_models())")
     if args.image_size is None and isinstance(meta.get("image_size"), int):
         args.image_size = meta["image_size"]
-    print(f"model {name!r} (recorded in the checkpoint)", file=sys.stderr)
+    recorded = ""
+    if meta.get("model_args") and not args.model_arg:  # e.g. the MLP's hidden widths (train --model-arg)
+        margs = json.loads(meta["model_args"]) if isinstance(meta["model_args"], str) else meta["model_args"]
+        args.model_arg = [f"{k}={json.dumps(v)}" for k, v in margs.items()]
+        recorded = f" with {', '.join(args.model_arg)}"
+    print(f"model {name!r}{recorded} (recorded in the checkpoint)", file=sys.stderr)
     return name
 
 

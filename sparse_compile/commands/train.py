@@ -5,6 +5,7 @@ parses the command line and prints the result.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -48,6 +49,10 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, help="number of epochs (overrides the recipe)")
     p.add_argument("--method", choices=METHODS, help="sparse training method (recipe: srigl)")
     p.add_argument("--batch-size", type=int, help="per-process batch size (overrides the recipe)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="argument of the recipe's model builder (VALUE parsed as JSON when possible), e.g. "
+                        "--model-arg hidden=[1024,1024] for digits_mlp's MLP; recorded in model.safetensors, "
+                        "so optimize rebuilds the same model (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe field, e.g. --set lr=0.05 --set lr_milestones=30,60 (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -70,6 +75,7 @@ def register(sub) -> None:
 def run(args) -> int:
     """Resolve the recipe, train, print the final inspect table."""
     from sparse_compile.models.recipes import Recipe
+    from sparse_compile.train.distributed import end_worker
     from sparse_compile.train.loop import _dist, resolve_recipe, train
 
     base, seed = args.recipe, args.seed
@@ -86,6 +92,17 @@ def run(args) -> int:
     seed = 0 if seed is None else seed
     recipe = resolve_recipe(base, sparsity=args.sparsity, epochs=args.epochs, method=args.method,
                             batch_size=args.batch_size, overrides=args.set)
+    model_args = {}
+    for item in args.model_arg:
+        if "=" not in item:
+            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            model_args[k] = json.loads(v)
+        except ValueError:
+            model_args[k] = v
+    if args.resume and not args.model_arg and ckpt is not None and ckpt.is_file():
+        model_args = saved.get("model_args", {})
     if args.print_recipe:
         print(recipe)
         return 0
@@ -103,13 +120,11 @@ def run(args) -> int:
               f"sparsity {recipe.sparsity}, {recipe.epochs} epochs")
     res = train(recipe, data=args.data, out=args.out, device=args.device, resume=args.resume, seed=seed,
                 workers=args.workers, threads=args.threads, progress=not args.no_progress,
-                stop_after=args.stop_after_epochs)
+                stop_after=args.stop_after_epochs, model_kwargs=model_args)
     if rank == 0:
         print(res["inspect"])
         print(f"test accuracy {res['test_accuracy']:.4f}; wrote {Path(args.out) / 'model.safetensors'} and "
               f"{Path(args.out) / 'report.json'}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Rank 0 hosts torchrun's store: no rank may tear down while another still talks to it.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # Under torchrun: leave together and skip the process teardown gloo can abort in (see end_worker).
+    end_worker(0)
     return 0

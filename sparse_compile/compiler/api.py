@@ -203,12 +203,18 @@ def _say_what_is_missing(model: nn.Module, cfg: OptimizeConfig) -> None:
         if get_mask(m) is not None:
             return True
         w = m.weight.detach()
-        return w.numel() > 0 and float((w == 0).sum()) >= 0.5 * w.numel()
+        if w.numel() == 0:
+            return False
+        if float((w == 0).sum()) >= 0.5 * w.numel():
+            return True
+        # An ablated neuron (every weight zero) is what the ablated-dense form removes.
+        return bool((w.reshape(w.shape[0], -1) == 0).all(dim=1).any())
 
     if cfg.mode != "dense" and not any(sparse(m) for m in layers.values()):
         warnings.warn(
             f"sparse_compile.optimize: {type(model).__name__} has no sparse layer (no weight_mask buffer, and no "
-            "Linear/Conv2d with at least half of its weights zero), so there is nothing to gain; its layers stay "
+            "Linear/Conv2d with at least half of its weights zero or a neuron whose weights are all zero), so "
+            "there is nothing to gain; its layers stay "
             "dense. A model trained with sparse_compile's trainer keeps its masks in the checkpoint: load it with "
             "sparse_compile.load_checkpoint(model, path).", stacklevel=3)
 

@@ -47,13 +47,20 @@ def _builder_args(model: str):
     return pyinspect.signature(model_spec(model).builder).parameters
 
 
-def build_model(recipe) -> nn.Module:
-    """The recipe's model, with ``image_size`` passed to builders that take it."""
+def build_model(recipe, **model_kwargs) -> nn.Module:
+    """The recipe's model, with ``image_size`` passed to builders that take it.
+
+    ``model_kwargs`` go to the model's builder as well (e.g. ``hidden=(1024, 1024)`` for ``mlp``).
+    """
     from sparse_compile.models import create_model
 
-    kw = {}
+    kw = dict(model_kwargs)
     if recipe.image_size is not None and "image_size" in _builder_args(recipe.model):
         kw["image_size"] = recipe.image_size
+    bad = sorted(set(kw) - set(_builder_args(recipe.model)))
+    if bad:
+        raise ValueError(f"model {recipe.model!r} takes no argument {', '.join(map(repr, bad))} "
+                         f"(it takes: {', '.join(p for p in _builder_args(recipe.model) if p != 'num_classes')})")
     return create_model(recipe.model, num_classes=recipe.num_classes, **kw)
 
 
@@ -211,7 +218,8 @@ def _fingerprint(model: nn.Module) -> str:
 
 def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = False, seed: int = 0,
           workers: Optional[int] = None, threads: Optional[int] = None, progress: bool = True, datasets=None,
-          stop_after: Optional[int] = None, log=print, sparsifier_factory=None) -> dict:
+          stop_after: Optional[int] = None, log=print, sparsifier_factory=None,
+          model_kwargs: Optional[dict] = None) -> dict:
     """Train ``recipe`` and return ``{"model", "sparsifier", "history", "test_accuracy", "report"}``.
 
     ``datasets`` (a ``(train, test)`` pair) bypasses loading from ``data``. With ``out``, a checkpoint
@@ -219,7 +227,9 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
     ``out/checkpoint.pt``; ``stop_after`` ends this invocation after that many more epochs (for
     time-limited jobs: resume later, the result is bit-identical to an uninterrupted run on CPU).
     ``sparsifier_factory(recipe, model, optimizer, total_steps)`` replaces :func:`build_sparsifier`
-    (a method the recipe cannot name, e.g. in ``bench/accuracy.py``).
+    (a method the recipe cannot name, e.g. in ``bench/accuracy.py``). ``model_kwargs`` go to the
+    model's builder (e.g. ``{"hidden": [1024, 1024]}`` for the ``mlp`` of ``digits_mlp``); they are
+    recorded in the report and in ``model.safetensors``'s metadata (``model_args``, JSON).
     ``threads`` (torch's intra-op threads during the run) and ``workers`` (data-loader processes)
     default to :func:`default_threads` and :func:`default_workers`. Runs under torchrun (DDP) when
     ``WORLD_SIZE`` > 1.
@@ -228,13 +238,13 @@ def train(recipe, *, data=None, out=None, device: str = "auto", resume: bool = F
     try:
         return _train(recipe, data=data, out=out, device=device, resume=resume, seed=seed, workers=workers,
                       threads=threads, progress=progress, datasets=datasets, stop_after=stop_after, log=log,
-                      sparsifier_factory=sparsifier_factory)
+                      sparsifier_factory=sparsifier_factory, model_kwargs=dict(model_kwargs or {}))
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _train(recipe, *, data, out, device, resume, seed, workers, threads, progress, datasets, stop_after,
-           log, sparsifier_factory) -> dict:
+           log, sparsifier_factory, model_kwargs) -> dict:
     """:func:`train` proper (torch's thread count restored by the caller)."""
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
     from tqdm.auto import tqdm
@@ -271,6 +281,9 @@ def _train(recipe, *, data, out, device, resume, seed, workers, threads, progres
                              + "; resume with the same arguments or train into another --out")
         if state["seed"] != seed:
             raise ValueError(f"--resume: the checkpoint was trained with --seed {state['seed']}, not {seed}")
+        if state.get("model_args", {}) != model_kwargs:
+            raise ValueError(f"--resume: the checkpoint's model was built with model arguments "
+                             f"{state.get('model_args', {})}, not {model_kwargs}")
     elif ckpt_path is not None and ckpt_path.exists():
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run or choose another --out")
 
@@ -295,7 +308,7 @@ def _train(recipe, *, data, out, device, resume, seed, workers, threads, progres
         total_steps = min(total_steps, recipe.max_steps)
     mix = batch_transform(recipe.mixup_alpha, recipe.cutmix_alpha, recipe.num_classes)
 
-    model = build_model(recipe).to(dev)
+    model = build_model(recipe, **model_kwargs).to(dev)
     if threads is None:
         threads = default_threads(model, dev)
     if threads is not None:
@@ -395,6 +408,7 @@ def _train(recipe, *, data, out, device, resume, seed, workers, threads, progres
                               scheduler=scheduler.state_dict(),
                               sparsifier=sparsifier.state_dict() if sparsifier is not None else None,
                               epoch=epoch + 1, step=step, history=history, recipe=recipe.to_dict(), seed=seed,
+                              model_args=model_kwargs,
                               rng=torch.get_rng_state()), ckpt_path)
     bar.close()
     wall = time.perf_counter() - t0
@@ -411,7 +425,7 @@ def _train(recipe, *, data, out, device, resume, seed, workers, threads, progres
     sp_report = _report_dict(sparsifier.report()) if sparsifier is not None else None
     table = inspect(model)
     report = dict(recipe=recipe.to_dict(), method=recipe.method, seed=seed, steps=step, epochs_done=len(history),
-                  test_accuracy=test_acc, history=history, sparsifier=sp_report, inspect=table.to_dict(),
+                  model_args=model_kwargs, test_accuracy=test_acc, history=history, sparsifier=sp_report, inspect=table.to_dict(),
                   train_seconds=wall, threads=torch.get_num_threads(), workers=workers, world_size=world, ranks_consistent=consistent, device=str(dev),
                   torch=torch.__version__)
     if out is not None and main:
@@ -421,6 +435,8 @@ def _train(recipe, *, data, out, device, resume, seed, workers, threads, progres
         # What `sparse-compile optimize` needs to rebuild the model without --model / --image-size.
         meta = {"recipe": recipe.name, "model": recipe.model, "method": recipe.method,
                 "num_classes": str(recipe.num_classes)}
+        if model_kwargs:
+            meta["model_args"] = json.dumps(model_kwargs)
         if recipe.image_size is not None and "image_size" in _builder_args(recipe.model):
             meta["image_size"] = str(recipe.image_size)
         save_file(sd, str(out / "model.safetensors"), metadata=meta)

@@ -10,6 +10,9 @@ def test_reduced_demo_writes_report_and_plots(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--epochs", "2", "--rounds", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
+    # the condensed timings and forms below mean something only with the C++ kernels (no silent fallback)
+    assert rep["kernels"]["loaded"], rep["kernels"]["error"]
+    assert rep["model"] == "64-1024-1024-10" and "MLP 64-1024-1024-10" in printed
 
     # 1. three trainings, real accuracies, the sparse ones at the requested sparsity
     assert set(rep["accuracy"]) == {"dense", "rigl", "srigl"}
@@ -28,14 +31,22 @@ def test_reduced_demo_writes_report_and_plots(tmp_path, capsys):
     # 2. optimize: a form per layer, identical predictions for "auto" and forced "condensed"
     opt = rep["optimize"]
     assert set(opt["forms"]) == {"fc1", "fc2", "fc3"}
+    # The demo's point: auto, timing on this CPU, runs the 1024x1024 layer (~94% sparse under ERK)
+    # condensed (about 2-3x faster than dense at batch 1), and the optimized model really holds a
+    # CondensedLinear there; the classifier (dense under ERK) stays a plain Linear.
+    assert opt["forms"]["fc2"] == "condensed", opt["optimize"]
+    assert opt["modules"]["fc2"] == "CondensedLinear" and opt["modules"]["fc3"] == "Linear", opt["modules"]
+    assert opt["inspect"]["layers"][1]["sparsity"] > 0.9
     assert opt["identical_predictions"] and opt["max_rel_diff"] < 1e-5
-    assert opt["condensed_identical_predictions"] and opt["condensed_forms"]["fc1"] == "condensed"
+    assert opt["condensed_identical_predictions"]
+    assert opt["condensed_forms"]["fc1"] == opt["condensed_forms"]["fc2"] == "condensed"
     assert opt["inspect"]["layers"][0]["constant_fan_in"]
     assert "optimize(model, mode='auto')" in printed
     # the measured whole-model speedup is printed beside the accuracy, from the report's medians
     wm = opt["optimize"]["whole_model"]["median_ms"]
     chosen = wm.get(opt["optimize"]["whole_model"]["chosen"], wm["original"])
     assert math.isclose(opt["whole_model_speedup"], wm["original"] / chosen)
+    assert opt["optimize"]["whole_model"]["chosen"] != "original layers"  # the condensed fc2 was kept
     assert f"at {opt['whole_model_speedup']:.2f}x the original's speed" in printed
 
     # 3. layer timings: positive, finite, and the printed ratios are the ratios of the medians

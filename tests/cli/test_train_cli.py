@@ -206,3 +206,35 @@ def test_default_workers_leave_a_core_for_training(monkeypatch):
     assert loop.default_workers("cifar10") == 1
     monkeypatch.setattr(loop.os, "cpu_count", lambda: 64)
     assert loop.default_workers("imagenet") == 4
+
+
+def test_model_args_reach_the_builder_the_checkpoint_and_optimize(tmp_path, capsys):
+    """--model-arg widens digits' MLP; optimize rebuilds the same widths from the checkpoint."""
+    from sparse_compile.checkpoint import checkpoint_metadata
+
+    out = tmp_path / "wide"
+    args = ["train", "--recipe", "digits_mlp", "--epochs", "1", "--model-arg", "hidden=[48,24]", *FAST]
+    assert main([*args, "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model_args"] == {"hidden": [48, 24]}
+    assert [layer["shape"] for layer in rep["inspect"]["layers"]] == [[48, 64], [24, 48], [10, 24]]
+    assert json.loads(checkpoint_metadata(out / "model.safetensors")["model_args"]) == {"hidden": [48, 24]}
+    capsys.readouterr()
+    # resuming with other widths is refused by name, not by a state-dict shape error
+    assert main(["train", "--recipe", "digits_mlp", "--epochs", "1", "--model-arg", "hidden=[32,16]", *FAST,
+                 "--out", str(out), "--resume"]) == 1
+    assert "model arguments {'hidden': [48, 24]}" in capsys.readouterr().err
+    assert main(["optimize", str(out / "model.safetensors"), "--mode", "dense", "--no-cache",
+                 "-o", str(tmp_path / "w.sc")]) == 0
+    assert "'mlp' with hidden=[48, 24] (recorded in the checkpoint)" in capsys.readouterr().err
+    assert main(["train", "--recipe", "digits_mlp", "--model-arg", "width=3", "--out", str(tmp_path / "x"),
+                 *FAST]) == 1
+    assert "takes no argument 'width'" in capsys.readouterr().err
+
+
+def test_end_worker_returns_without_a_process_group():
+    """Only a torchrun worker (an initialised group) is ended; a single process returns normally."""
+    from sparse_compile.train.distributed import end_worker
+
+    assert not torch.distributed.is_initialized()
+    assert end_worker(0) is None

@@ -37,6 +37,19 @@ def test_a_sparse_model_gives_no_such_warning():
         sparse_compile.optimize(_mlp(True), (torch.randn(1, 64),), mode="condensed")
 
 
+def test_ablated_neurons_without_masks_are_sparse_enough_to_say_nothing():
+    """Zero rows (ablated neurons) are what ablated_dense removes: no "nothing to gain" warning."""
+    import warnings
+
+    m = _mlp(False)
+    with torch.no_grad():
+        m[0].weight[[1, 4, 7]] = 0  # 3 of 128 neurons: far below half of the weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        opt = sparse_compile.optimize(m, (torch.randn(1, 64),), mode="ablated_dense")
+    assert opt.sparse_compile_report.forms()["0"] == "ablated_dense"
+
+
 def test_a_mode_pattern_that_matches_no_layer_is_named():
     with pytest.warns(UserWarning, match=r"mode pattern\(s\) \['fc\*'\] match no Linear/Conv2d layer .*its layers: 0, 2"):
         opt = sparse_compile.optimize(_mlp(True), (torch.randn(1, 64),), mode={"fc*": "condensed", "0": "condensed"})

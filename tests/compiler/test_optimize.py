@@ -314,7 +314,8 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_falls_back_with_warning():
-    model = srigl_init(Untraceable(), ablate=0.1)
+    with pytest.warns(UserWarning, match="torch.fx could not trace Untraceable"):  # the trainer says it too
+        model = srigl_init(Untraceable(), ablate=0.1)
     x = torch.randn(3, 64)
     with pytest.warns(UserWarning, match="FX cannot trace Untraceable .*swapping modules in place"):
         opt = check(model, x, "condensed")
@@ -395,7 +396,9 @@ def test_bf16(sparse_mlp):
         for mode in ("condensed", "auto"):
             opt = optimize(model, (x,), mode=mode, repeats=1, warmup=0)
             assert relative_error(opt(x), ref) <= 1e-2
-        opt = optimize(model, (x,), mode="csr")  # CPU torch has no bf16 CSR matmul: kept, with the reason
+        # CPU torch has no bf16 CSR matmul: kept, with the reason (and a warning naming the layers)
+        with pytest.warns(UserWarning, match=r"not converted to the requested form .*: 0, 2, 5"):
+            opt = optimize(model, (x,), mode="csr")
     r = {r.name: r for r in opt.sparse_compile_report}["2"]
     assert r.form == "ablated_dense" and "no sparse CSR matmul for bfloat16" in r.reason
 
@@ -482,6 +485,7 @@ def test_whole_model_check_falls_back_to_the_original_layers(sparse_mlp, monkeyp
     assert rep.mode == "auto" and rep.cache["misses"] + rep.cache["hits"] > 0
     big = [r for r in rep if r.name == "2"][0]
     assert big.times_us and "whole model ran faster" in big.reason  # the per-layer timings stay reported
+    assert big.coverage == "auto: the whole model ran faster with its original layers"  # not "mode 'dense'"
     # the second pair is rescaled to the first pair's original: 2.5 * 2.0 / 2.0
     ms = rep.whole_model["median_ms"]
     assert (ms["optimized"], ms["without structural changes"], ms["original"]) == (3.0, 2.5, 2.0)
