@@ -156,6 +156,10 @@ def analyse(gm: fx.GraphModule, producers: dict,
                 new_state, edit = consume(gm, node, x, state[x], uses, absorbs)
             except NeedFull as e:
                 out.edits.append(_Edit("restore", node, origin(x), state[x], x, str(e), e.later_users))
+                if e.later_users:
+                    # apply() hands every later user the restored tensor (an in-place op mutated x):
+                    # from here on x is full width, so no later layer may absorb its reduction.
+                    del state[x]
             else:
                 if edit is not None:
                     out.edits.append(_Edit(edit[0], node, origin(x), edit[1] if edit[0] == "absorb" else
