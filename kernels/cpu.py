@@ -130,6 +130,18 @@ def is_loaded() -> bool:
     return _state["loaded"]
 
 
+def import_cpp_extension_quietly() -> None:
+    """Import ``torch.utils.cpp_extension`` (also imported by ``torch.utils.benchmark``) without its
+    "No CUDA runtime is found" log line: irrelevant on a CPU-only machine, and alarming in a user's log."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        log.setLevel(level)
+
+
 def build_info() -> dict:
     """Whether the build was tried / succeeded, its wall time in seconds, error, and flags."""
     return dict(_state)
@@ -164,15 +176,7 @@ def load() -> bool:
         try:
             if os.environ.get("SPARSE_COMPILE_NO_CPP", "") not in ("", "0"):
                 raise RuntimeError("disabled by SPARSE_COMPILE_NO_CPP")
-            # Importing cpp_extension logs "No CUDA runtime is found" on CPU-only machines:
-            # irrelevant to a CPU build, and alarming in a user's log.
-            log = logging.getLogger("torch.utils.cpp_extension")
-            level = log.level
-            log.setLevel(logging.ERROR)
-            try:
-                import torch.utils.cpp_extension  # noqa: F401
-            finally:
-                log.setLevel(level)
+            import_cpp_extension_quietly()
 
             forced = bool(os.environ.get("SPARSE_COMPILE_CPU_ISA", ""))
             candidates = [selected_isa()] if forced else supported_isas()

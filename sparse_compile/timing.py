@@ -84,6 +84,9 @@ def time_cpu(
     ``min_blocks`` blocks and ``min_run_time`` seconds. ``min_blocks=1, min_run_time=0`` is a
     one-shot measurement for smoke tests.
     """
+    from .kernels.cpu import import_cpp_extension_quietly
+
+    import_cpp_extension_quietly()
     from torch.utils.benchmark import Timer
 
     threads = torch.get_num_threads() if threads is None else int(threads)
