@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import warnings
@@ -133,6 +134,8 @@ def is_loaded() -> bool:
 def import_cpp_extension_quietly() -> None:
     """Import ``torch.utils.cpp_extension`` (also imported by ``torch.utils.benchmark``) without its
     "No CUDA runtime is found" log line: irrelevant on a CPU-only machine, and alarming in a user's log."""
+    if "torch.utils.cpp_extension" in sys.modules:  # imported already: nothing left to log
+        return
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)

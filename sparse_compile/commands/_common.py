@@ -1,6 +1,7 @@
 """Argument checks shared by the subcommands: each turns a user mistake into one clear ValueError."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -47,3 +48,18 @@ def check_input_file(path: Path, what: str = "checkpoint") -> Optional[Path]:
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path} is empty, not a {what} file")
     return path
+
+
+def parse_key_values(items: Iterable[str], flag: str) -> dict:
+    """``KEY=VALUE`` strings into a dict; a VALUE that parses as JSON (``[1024,1024]``, ``3``, ``true``)
+    is that value, anything else stays a string. A missing ``=`` is a ValueError naming ``flag``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._common import parse_key_values
+
 
 def register(sub) -> None:
     """Add the ``optimize`` subcommand."""
@@ -42,15 +44,7 @@ def register(sub) -> None:
 
 
 def _builder_kwargs(args) -> dict:
-    kw = {}
-    for item in args.model_arg:
-        if "=" not in item:
-            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            kw[k] = json.loads(v)
-        except ValueError:
-            kw[k] = v
+    kw = parse_key_values(args.model_arg, "--model-arg")
     if args.image_size is not None:
         kw["image_size"] = args.image_size
     return kw

@@ -5,10 +5,11 @@ parses the command line and prints the result.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from ._common import parse_key_values
 
 EPILOG = """examples:
     sparse-compile train --recipe digits_mlp --out runs/digits
@@ -92,15 +93,7 @@ def run(args) -> int:
     seed = 0 if seed is None else seed
     recipe = resolve_recipe(base, sparsity=args.sparsity, epochs=args.epochs, method=args.method,
                             batch_size=args.batch_size, overrides=args.set)
-    model_args = {}
-    for item in args.model_arg:
-        if "=" not in item:
-            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            model_args[k] = json.loads(v)
-        except ValueError:
-            model_args[k] = v
+    model_args = parse_key_values(args.model_arg, "--model-arg")
     if args.resume and not args.model_arg and ckpt is not None and ckpt.is_file():
         model_args = saved.get("model_args", {})
     if args.print_recipe:
