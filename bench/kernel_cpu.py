@@ -108,12 +108,15 @@ VIT_SHAPES = ((3072, 768), (768, 3072))
 
 def _interleaved(fns: dict, rounds: int) -> dict:
     """Median seconds of each callable, timed round-robin (one call each per round), so a burst of
-    load on a shared machine hits every case alike."""
+    load on a shared machine hits every case alike. ``fns`` maps a name to (threads, callable);
+    the thread count is set before the clock starts."""
     ts = {name: [] for name in fns}
-    for f in fns.values():
+    for nt, f in fns.values():
+        torch.set_num_threads(nt)
         f()  # warm-up (first-call allocation, lazy build)
     for _ in range(rounds):
-        for name, f in fns.items():
+        for name, (nt, f) in fns.items():
+            torch.set_num_threads(nt)
             t0 = _timer()
             f()
             ts[name].append(_timer() - t0)
@@ -124,9 +127,12 @@ def bench_vit(threads, rows, sparsity, rounds):
     """ViT-B/16 MLP shapes at `rows` tokens: condensed vs dense F.linear, fp32 and bf16, with GMAC/s.
 
     GMAC/s counts the multiply-adds each form performs: rows * out * in for dense, rows * out * k
-    for condensed. Ratios are dense/condensed time from the same interleaved rounds.
+    for condensed. Ratios are dense/condensed time; every form at every thread count is timed in
+    the same interleaved rounds, so the speedups over threads (printed after the table) are
+    same-run ratios too.
     """
     out_rows = []
+    forms = ("dense fp32", "condensed fp32", "dense bf16", "condensed bf16")
     for o, i in VIT_SHAPES:
         k = max(1, round((1 - sparsity) * i))
         g = torch.Generator().manual_seed(1)
@@ -139,25 +145,33 @@ def bench_vit(threads, rows, sparsity, rounds):
         err32 = relative_error(condensed_linear(x, values, idx), ref)
         errbf = relative_error(condensed_linear(xb, vb, idx), ref)
         errdb = relative_error(F.linear(xb, wb), ref)
+        calls = {
+            "dense fp32": lambda: F.linear(x, w),
+            "condensed fp32": lambda: condensed_linear(x, values, idx),
+            "dense bf16": lambda: F.linear(xb, wb),
+            "condensed bf16": lambda: condensed_linear(xb, vb, idx),
+        }
+        allmed = _interleaved({(nt, f): (nt, calls[f]) for nt in threads for f in forms}, rounds)
         for nt in threads:
-            torch.set_num_threads(nt)
-            med = _interleaved({
-                "dense fp32": lambda: F.linear(x, w),
-                "condensed fp32": lambda: condensed_linear(x, values, idx),
-                "dense bf16": lambda: F.linear(xb, wb),
-                "condensed bf16": lambda: condensed_linear(xb, vb, idx),
-            }, rounds)
+            med = {f: allmed[(nt, f)] for f in forms}
             r = dict(out=o, inp=i, k=k, rows=rows, threads=nt, sparsity=sparsity,
                      rel_err_fp32=err32, rel_err_bf16=errbf, rel_err_dense_bf16=errdb,
                      **{f"{name.replace(' ', '_')}_ms": v * 1e3 for name, v in med.items()})
             r["x_fp32"] = med["dense fp32"] / med["condensed fp32"]
             r["x_bf16"] = med["dense bf16"] / med["condensed bf16"]
+            r["over_1_thread"] = {f: allmed[(threads[0], f)] / med[f] for f in forms}
             dm, cm = rows * o * i / 1e9, rows * o * k / 1e9
             gm = {name: (dm if name.startswith("dense") else cm) / v for name, v in med.items()}
             out_rows.append(r)
             print(f"{o:>5}x{i:<5} {nt:>3} " + " ".join(
                 f"{med[n] * 1e3:>8.2f} ({gm[n]:>5.1f})" for n in med)
                   + f" {r['x_fp32']:>7.2f}x {r['x_bf16']:>7.2f}x  err {err32:.1e}/{errbf:.1e}", flush=True)
+    if len(threads) > 1:
+        print(f"speedup of each form over {threads[0]} thread(s), same rounds:")
+        for r in out_rows:
+            if r["threads"] != threads[0]:
+                print(f"{r['out']:>5}x{r['inp']:<5} {r['threads']:>3} " + " ".join(
+                    f"{f} {v:.2f}x" for f, v in r["over_1_thread"].items()))
     return out_rows
 
 

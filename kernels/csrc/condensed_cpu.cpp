@@ -16,7 +16,8 @@
 //    loop is outside the neuron loop so the xT slice stays cached while the weights stream.
 //  * from kAvx512MinRows rows on an AVX-512 build: the 16-column kernel of condensed_avx512.h
 //    (and bf16 on VDPBF16PS where the CPU has AVX512_BF16).
-// Threads: at::parallel_for over neurons (torch's intra-op pool, so torch.set_num_threads holds).
+// Threads: at::parallel_for (torch's intra-op pool, so torch.set_num_threads holds) over neurons,
+// or, in the avx512 kernels, over column blocks (see sc512::split_columns).
 // Indices are trusted (validated by sparse_compile.formats when the condensed form is built).
 
 #include "condensed_kernels.h"
@@ -193,15 +194,23 @@ void linear_f32(const at::Tensor& x2, const V* vals, const I* idx, int64_t n, in
     // of the former 32-column blocks at in = 768 too (their rows come from L2 at twice the size).
     constexpr int64_t W = sc512::kF32W;
     const float* xr = x2.data_ptr<float>();
-    const int64_t ldx = x2.stride(0);
+    const int64_t ldx = x2.stride(0), nblk = (B + W - 1) / W, threads = at::get_num_threads();
+    const bool per_thread = sc512::transpose_per_thread(in, n, k, threads);
+    if (sc512::split_columns(B * in * 4, n * k * int64_t(sizeof(V) + sizeof(I)), nblk, threads,
+                             per_thread)) {
+      sc512::parallel_over_columns(nblk, n, [&](int64_t b0, int64_t b1, int64_t i0, int64_t i1) {
+        sc512::fm_f32(nullptr, xr, ldx, in, B, vals, idx, k, b0, b1, i0, i1, bias, out, n);
+      });
+      return;
+    }
     at::Tensor xT;
-    if (!sc512::transpose_per_thread(in, n, k, at::get_num_threads())) {
-      xT = at::empty({(B + W - 1) / W, in, W}, x2.options());
+    if (!per_thread) {
+      xT = at::empty({nblk, in, W}, x2.options());
       to_column_blocks(xr, ldx, B, in, W, xT.data_ptr<float>(), tile8_f32);
     }
     const float* xp = xT.defined() ? xT.data_ptr<float>() : nullptr;
     at::parallel_for(0, n, grain_for(k * B), [&](int64_t i0, int64_t i1) {
-      sc512::fm_f32(xp, xp ? nullptr : xr, ldx, in, B, vals, idx, k, i0, i1, bias, out, n);
+      sc512::fm_f32(xp, xp ? nullptr : xr, ldx, in, B, vals, idx, k, 0, nblk, i0, i1, bias, out, n);
     });
     return;
   }
@@ -255,20 +264,31 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values,
     if (xb.stride(1) != 1) xb = xb.contiguous();
     const at::Tensor b32 = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const float* bp = has_bias ? b32.data_ptr<float>() : nullptr;
-    const int64_t nblk = (B + sc512::kBfW - 1) / sc512::kBfW;
-    at::Tensor xT = at::empty({nblk, in, sc512::kBfW}, xb.options());
+    const int64_t nblk = (B + sc512::kBfW - 1) / sc512::kBfW, ldx = xb.stride(0);
     const uint16_t* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-    to_column_blocks(xs, xb.stride(0), B, in, sc512::kBfW,
-                     reinterpret_cast<uint16_t*>(xT.data_ptr<at::BFloat16>()), sc512::tile8_bf16);
     at::Tensor out = at::empty({B, n}, x.options());
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xT.data_ptr<at::BFloat16>());
     const c10::BFloat16* vp = vals.data_ptr<c10::BFloat16>();
     c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, n, grain_for(k * B), [&](int64_t i0, int64_t i1) {
+    auto run = [&](const uint16_t* xT, const uint16_t* rows, int64_t b0, int64_t b1, int64_t i0,
+                   int64_t i1) {
       if (idx.scalar_type() == at::kShort)
-        sc512::fm_bf16(xp, in, B, vp, idx.data_ptr<int16_t>(), k, i0, i1, bp, op, n);
+        sc512::fm_bf16(xT, rows, ldx, in, B, vp, idx.data_ptr<int16_t>(), k, b0, b1, i0, i1, bp, op, n);
       else
-        sc512::fm_bf16(xp, in, B, vp, idx.data_ptr<int32_t>(), k, i0, i1, bp, op, n);
+        sc512::fm_bf16(xT, rows, ldx, in, B, vp, idx.data_ptr<int32_t>(), k, b0, b1, i0, i1, bp, op, n);
+    };
+    if (sc512::split_columns(B * in * 2, n * k * int64_t(2 + idx.element_size()), nblk,
+                             at::get_num_threads(), /*x_per_thread=*/false)) {
+      sc512::parallel_over_columns(nblk, n, [&](int64_t b0, int64_t b1, int64_t i0, int64_t i1) {
+        run(nullptr, xs, b0, b1, i0, i1);
+      });
+      return out.view(out_sizes);
+    }
+    at::Tensor xT = at::empty({nblk, in, sc512::kBfW}, xb.options());
+    to_column_blocks(xs, ldx, B, in, sc512::kBfW,
+                     reinterpret_cast<uint16_t*>(xT.data_ptr<at::BFloat16>()), sc512::tile8_bf16);
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xT.data_ptr<at::BFloat16>());
+    at::parallel_for(0, n, grain_for(k * B), [&](int64_t i0, int64_t i1) {
+      run(xp, nullptr, 0, nblk, i0, i1);
     });
     return out.view(out_sizes);
   }

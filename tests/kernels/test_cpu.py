@@ -188,6 +188,31 @@ def test_per_thread_and_shared_transpose_of_x_agree():
     assert _rel_err(res[0], condensed_linear_ref(x.double(), values.double(), idx, b.double())) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 100), (torch.bfloat16, 150)])
+def test_column_split_over_threads_agrees_with_one_thread(dtype, rows):
+    # From 2 threads with >= 2 column blocks per thread the avx512 kernels split the column blocks
+    # between threads (fp32 always, as it transposes x per thread; bf16 while x outweighs the
+    # weights, as here: 200 features x 150 rows against 40 x 20 entries). 40 neurons = 3 tiles of
+    # 16, and 7 fp32 / 5 bf16 blocks, so 2 and 3 threads cut through blocks: the pieces at each
+    # end of a share are partial blocks. Each neuron's sum is taken in the same order whoever runs
+    # it, so the outputs are identical; the reference checks they are right.
+    if not cpu.selected_isa().startswith("avx512"):
+        pytest.skip(f"the column split is in the avx512 kernels; this CPU runs {cpu.selected_isa()}")
+    values, idx = _layer(40, 200, 20, dtype, torch.int16, seed=11)
+    x, b = torch.randn(rows, 200).to(dtype), torch.randn(40).to(dtype)
+    prev = torch.get_num_threads()
+    try:
+        res = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            res.append(_cpp_linear(x, values, idx, b))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(res[0], res[1]) and torch.equal(res[0], res[2])
+    ref = condensed_linear_ref(x.double(), values.double(), idx, b.double())
+    assert _rel_err(res[0].double(), ref) < TOL[dtype]
+
+
 def test_empty_and_zero_k():
     values, idx = _layer(5, 10, 3, torch.float32, torch.int16, seed=0)
     assert _cpp_linear(torch.randn(0, 10), values, idx, None).shape == (0, 5)
@@ -281,6 +306,13 @@ for batch, n, fan_in, k in ((1, 37, 150, 15), (2, 9, 64, 13), (8, 37, 150, 15), 
         y = condensed_linear(xd, vd, idx, bd)
         assert y.dtype == dt and y.shape == ref.shape
         worst[dt] = max(worst[dt], relative_error(y, ref))
+# 2 threads, 150 rows: the avx512 kernels split the column blocks between the threads.
+torch.set_num_threads(2)
+idx = torch.rand(40, 200).argsort(1)[:, :20].sort(1).values.to(torch.int16)
+v, x, b = torch.randn(40, 20), torch.randn(150, 200), torch.randn(40)
+for dt in worst:
+    ref = condensed_linear_ref(x.to(dt).double(), v.to(dt).double(), idx, b.to(dt).double())
+    worst[dt] = max(worst[dt], relative_error(condensed_linear(x.to(dt), v.to(dt), idx, b.to(dt)), ref))
 for stride, padding, dilation in ((1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)):
     cin, cout, k = 5, 9, 12
     idx = torch.rand(cout, cin * 9).argsort(1)[:, :k].sort(1).values.to(torch.int32)
