@@ -284,7 +284,7 @@ inline void tile8_bf16(const uint16_t* s, int64_t ld, int64_t nrows, uint16_t* d
 template <typename I>
 void fm_bf16(const uint16_t* xT, const uint16_t* x_rows, int64_t ldx, int64_t in, int64_t B,
              const c10::BFloat16* vals, const I* idx, int64_t k, int64_t blk0, int64_t blk1,
-             int64_t i0, int64_t i1, const float* bias, c10::BFloat16* out, int64_t n) {
+             int64_t i0, int64_t i1, const c10::BFloat16* bias, c10::BFloat16* out, int64_t n) {
   constexpr int W = kBfW;
   alignas(64) float tile[kTile][W];
   at::Tensor buf;
@@ -347,7 +347,7 @@ void fm_bf16(const uint16_t* xT, const uint16_t* x_rows, int64_t ldx, int64_t in
           hi[1] = _mm512_dpbf16_ps(hi[1], (__m512bh)_mm512_unpackhi_epi16(a, zero), w);
         }
         const __m512 l = _mm512_add_ps(lo[0], lo[1]), h = _mm512_add_ps(hi[0], hi[1]);
-        const __m512 bv = _mm512_set1_ps(bias ? bias[i] : 0.f);
+        const __m512 bv = _mm512_set1_ps(bias ? static_cast<float>(bias[i]) : 0.f);
         _mm512_store_ps(&tile[q][0], _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s0, h)));
         _mm512_store_ps(&tile[q][16], _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s1, h)));
       }

@@ -262,8 +262,9 @@ at::Tensor condensed_linear_cpu(const at::Tensor& x, const at::Tensor& values,
     // bf16 x and values straight into VDPBF16PS (fp32 accumulation), no fp32 copy of x.
     at::Tensor xb = x.reshape({B, in});
     if (xb.stride(1) != 1) xb = xb.contiguous();
-    const at::Tensor b32 = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    const float* bp = has_bias ? b32.data_ptr<float>() : nullptr;
+    // The bias stays bf16 (read per neuron): converting it per call cost ~30 us (measured).
+    const at::Tensor bb = has_bias ? bias->contiguous() : at::Tensor();
+    const c10::BFloat16* bp = has_bias ? bb.data_ptr<c10::BFloat16>() : nullptr;
     const int64_t nblk = (B + sc512::kBfW - 1) / sc512::kBfW, ldx = xb.stride(0);
     const uint16_t* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
     at::Tensor out = at::empty({B, n}, x.options());

@@ -234,6 +234,33 @@ def test_conv_bad_arguments_name_the_argument(needle, kw):
         condensed_conv2d(**args)
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="needs the C++ kernels (no C++ compiler here)")
+def test_condensed_modules_take_the_eager_shortcut_with_parameters(monkeypatch):
+    # CondensedLinear holds values and bias as nn.Parameter: in plain eager inference they must go
+    # straight to the C++ kernel (the public op's Python layer cost ~80 us per call), and with an
+    # input that needs gradients through the public op (its autograd formula).
+    from sparse_compile.compiler.modules import CondensedLinear
+
+    values, idx, w = _condensed(24, 40, 6, seed=3)
+    b = torch.randn(24)
+    mod = CondensedLinear(values, idx, b, in_features=40)
+    assert type(mod.values) is torch.nn.Parameter and type(mod.bias) is torch.nn.Parameter
+    assert ops._cpu_ready()  # sets the shortcut's op (done on first use otherwise)
+    calls = []
+    real = ops._CPU_OP
+    monkeypatch.setattr(ops, "_CPU_OP", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(5, 40)
+    with torch.inference_mode():
+        y = mod(x)
+    assert calls == [1]
+    torch.testing.assert_close(y, F.linear(x, w, b))
+    xg = x.clone().requires_grad_()
+    yg = mod(xg)
+    assert calls == [1]  # the public op, not the shortcut
+    yg.sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(5, 40))
+
+
 def test_fallback_without_cpp_warns_and_is_correct():
     code = (
         "import warnings, torch, torch.nn.functional as F, sparse_compile\n"
