@@ -10,6 +10,7 @@ from torch import nn
 from .forms import FORMS
 from .modules import ConstantScatter
 from .plan import LayerPlan
+from .pooling import swap_max_pools
 
 
 def _scatter_for(slot: LayerPlan) -> ConstantScatter:
@@ -39,8 +40,9 @@ def rewrite(gm: nn.Module, slots: list, decisions: dict, cfg) -> nn.Module:
 
     Each layer's plan records its decision (``form``, ``reason``, ``times``, ``candidates``,
     ``why_not``, ``rel_err``, ``new_module``: what the report reads); a decision without a module
-    gets one built by its form's handler. A traced ``gm`` is recompiled and loses the modules no
-    longer called. Returns ``gm``.
+    gets one built by its form's handler. Max-pooling layers become
+    :class:`~.pooling.ChannelsLastMaxPool2d` (exact, faster on CPU). A traced ``gm`` is recompiled
+    and loses the modules no longer called. Returns ``gm``.
     """
     for s in slots:
         d = decisions[s.name]
@@ -48,6 +50,7 @@ def rewrite(gm: nn.Module, slots: list, decisions: dict, cfg) -> nn.Module:
         s.times, s.candidates, s.why_not = dict(d.times_us), list(d.candidates), dict(d.why_not)
         s.new_module = d.module if d.module is not None else FORMS[d.form].build(s, cfg)
         _install(s)
+    swap_max_pools(gm)  # after tracing (the plan's trace is done): exact, see .pooling
     if isinstance(gm, fx.GraphModule):
         gm.graph.lint()
         gm.recompile()

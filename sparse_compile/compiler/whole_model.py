@@ -12,11 +12,13 @@ import statistics
 import warnings
 
 import torch
+from torch import nn
 
 from ..timing import interleaved_times
 from .cache import DecisionCache
 from .choose import choose
 from .exact import FAULT_REASON
+from .pooling import swap_max_pools
 from .verify import _default_rtol
 
 
@@ -47,7 +49,13 @@ def _whole_model_check(gm, plan, original, cfg, inputs, dev):
         reference = original(*inputs)
     tol = cfg.verify_rtol if cfg.verify_rtol is not None else _default_rtol(_model_dtype(original), layer=False)
     keep = frozenset(r.name for r in report if FAULT_REASON in r.reason)  # the layers at fault stay as they were
-    models = {"optimized": gm, "original": original}
+    # Every candidate pools in channels-last (rewrite swaps the max-pools, see .pooling): so the
+    # original is timed that way too, or the comparison would credit the sparse forms with it.
+    timed_original = original
+    if any(type(m) is nn.MaxPool2d for m in original.modules()):
+        timed_original = copy.deepcopy(original)
+        swap_max_pools(timed_original)
+    models = {"optimized": gm, "original": timed_original}
     if "condensed" in cfg.auto_forms and any(r.form != "condensed" and r.sparsity > 0 for r in report):
         c_cfg = copy.copy(cfg)
         c_cfg.mode, c_cfg.pad_condensed = "condensed", True
@@ -66,7 +74,8 @@ def _whole_model_check(gm, plan, original, cfg, inputs, dev):
         flat_plan = _plan(copy.deepcopy(original), flat_cfg, inputs, dev, keep)
         flat = _candidate(flat_plan.clone(), flat_cfg, inputs, dev, reference, tol, cache=True)
         if flat is not None:
-            t2 = time_models({"flat": flat, "original": original}, inputs, dev, cfg.repeats, WHOLE_MODEL_BUDGET_S)
+            t2 = time_models({"flat": flat, "original": timed_original}, inputs, dev, cfg.repeats,
+                             WHOLE_MODEL_BUDGET_S)
             # Scale the second pair to the first pair's original: the two runs may see different load.
             cands["without structural changes"] = (flat, t2["flat"] * t["original"] / t2["original"])
     fastest = min(cands, key=lambda k: cands[k][1])
