@@ -180,7 +180,8 @@ CONV_STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
 
 
 def bench_conv(threads, stages, min_run_time):
-    """ResNet-50 3x3 convs (c -> c, pad 1) at 90%: dense F.conv2d vs condensed, batch 1 and 8."""
+    """ResNet-50 3x3 convs (c -> c, pad 1) at 90%: dense F.conv2d vs condensed, fp32 and bf16, batch 1
+    and 8. Errors against fp64 on the fp32 inputs (bf16 includes rounding the inputs to bf16)."""
     rows = []
     for c, hw in stages:
         ks = 3
@@ -190,21 +191,32 @@ def bench_conv(threads, stages, min_run_time):
         idx = torch.rand(c, fan_in, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int16)
         values = torch.randn(c, k, generator=g) / k**0.5
         w = dense_weight(values, idx, fan_in).reshape(c, c, ks, ks)
+        vb, wb = values.bfloat16(), w.bfloat16()
         for nt in threads:
             torch.set_num_threads(nt)
             for b in (1, 8):
                 x = torch.randn(b, c, hw, hw)
-                env = dict(F=F, x=x, w=w, values=values, idx=idx, condensed_conv2d=condensed_conv2d)
-                y = condensed_conv2d(x, values, idx, None, ks, 1, 1, 1)
+                xb = x.bfloat16()
+                env = dict(F=F, x=x, w=w, values=values, idx=idx, condensed_conv2d=condensed_conv2d,
+                           xb=xb, wb=wb, vb=vb)
                 ref = F.conv2d(x.double(), w.double(), None, 1, 1)
-                err = relative_error(y, ref)
+                err = relative_error(condensed_conv2d(x, values, idx, None, ks, 1, 1, 1), ref)
+                errb = relative_error(condensed_conv2d(xb, vb, idx, None, ks, 1, 1, 1), ref)
                 d = median_us("F.conv2d(x, w, None, 1, 1)", env, min_run_time)
                 cc = median_us("condensed_conv2d(x, values, idx, None, 3, 1, 1, 1)", env, min_run_time)
+                db = median_us("F.conv2d(xb, wb, None, 1, 1)", env, min_run_time)
+                cb = median_us("condensed_conv2d(xb, vb, idx, None, 3, 1, 1, 1)", env, min_run_time)
                 rows.append(dict(channels=c, side=hw, k=k, threads=nt, batch=b, dense_us=d, condensed_us=cc,
-                                 x_dense=d / cc, rel_err=err))
-                print(f"{c:>4} {hw:>4} {k:>4} {nt:>3} {b:>5} {d:>9.1f} {cc:>10.1f} {d / cc:>8.2f}x {err:>9.1e}",
-                      flush=True)
+                                 x_dense=d / cc, rel_err=err, dense_bf16_us=db, condensed_bf16_us=cb,
+                                 x_dense_bf16=db / cb, rel_err_bf16=errb))
+                print(f"{c:>4} {hw:>4} {k:>4} {nt:>3} {b:>5} {d:>9.1f} {cc:>10.1f} {d / cc:>8.2f}x "
+                      f"{db:>9.1f} {cb:>10.1f} {db / cb:>8.2f}x {err:>9.1e} {errb:>9.1e}", flush=True)
     return rows
+
+
+CONV_HEADER = (f"{'c':>4} {'side':>4} {'k':>4} {'thr':>3} {'batch':>5} {'dense':>9} {'condensed':>10} "
+               f"{'vs dense':>9} {'dense bf16':>9} {'cond bf16':>10} {'vs dense':>9} {'err fp32':>9} "
+               f"{'err bf16':>9}")
 
 
 def bench_overhead(min_run_time):
@@ -240,6 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--vit", action="store_true",
                    help="only ViT-B/16's MLP shapes at 197 rows (fp32 and bf16, with GMAC/s)")
+    p.add_argument("--conv", action="store_true",
+                   help="only ResNet-50's 3x3 convs at 90%% (fp32 and bf16, batch 1 and 8)")
     p.add_argument("--rows", type=int, default=197, help="rows (tokens) for --vit")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds for --vit")
     p.add_argument("--timer", choices=sorted(TIMER), default="wall",
@@ -257,6 +271,15 @@ def main(argv=None) -> int:
     print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, kernels {cpu.build_info()['isa']}, "
           f"layer {OUT}x{IN} fp32, int16 indices")
+    if a.conv:
+        print("ResNet-50 3x3 convs, c -> c channels, side x side image, pad 1, 90%, fp32 and bf16 (us):")
+        print(CONV_HEADER)
+        conv_rows = bench_conv(a.threads, CONV_STAGES, a.min_run_time)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"conv": conv_rows, "torch": torch.__version__, "isa": cpu.build_info()["isa"]}, f,
+                          indent=1)
+        return 0
     if a.vit:
         print(f"ViT-B/16 MLP layers, {a.rows} rows, 90%: median ms ({a.timer} timer, {a.rounds} interleaved "
               "rounds) and (GMAC/s); ratios dense/condensed")
@@ -272,9 +295,8 @@ def main(argv=None) -> int:
     print(f"{'thr':>3} {'spars':>5} {'k':>5} {'batch':>5} {'dense':>9} {'csr':>9} {'condensed':>10} "
           f"{'op':>9} {'vs dense':>9} {'vs csr':>8} {'rel err':>9}")
     rows = bench_layer(a.threads, a.sparsity, a.batch, a.min_run_time)
-    print("ResNet-50 3x3 convs, c -> c channels, side x side image, pad 1, 90%, fp32:")
-    print(f"{'c':>4} {'side':>4} {'k':>4} {'thr':>3} {'batch':>5} {'dense':>9} {'condensed':>10} {'vs dense':>9} "
-          f"{'rel err':>9}")
+    print("ResNet-50 3x3 convs, c -> c channels, side x side image, pad 1, 90%, fp32 and bf16 (us):")
+    print(CONV_HEADER)
     conv_rows = bench_conv(a.threads, CONV_STAGES[:1] if a.quick else CONV_STAGES, a.min_run_time)
     print("dispatch overhead (tiny layer 8x16, k=2, batch 1, 1 thread):")
     overhead = bench_overhead(a.min_run_time)

@@ -321,6 +321,14 @@ for stride, padding, dilation in ((1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)):
     ref = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
     y = condensed_conv2d(x, v, idx, None, 3, stride, padding, dilation)
     worst[torch.float32] = max(worst[torch.float32], relative_error(y, ref))
+    # bf16 (the VDPBF16PS conv kernel on avx512bf16), odd k = 11, a bias: against the bf16 weights
+    i11 = idx[:, :11].contiguous()
+    vb, xb, bb = v[:, :11].bfloat16(), x.bfloat16(), torch.randn(cout).bfloat16()
+    wb = torch.zeros(cout, cin * 9, dtype=torch.double).scatter(1, i11.long(), vb.double()).view(cout, cin, 3, 3)
+    refb = F.conv2d(xb.double(), wb, bb.double(), stride, padding, dilation)
+    yb = condensed_conv2d(xb, vb, i11, bb, 3, stride, padding, dilation)
+    assert yb.dtype == torch.bfloat16
+    worst[torch.bfloat16] = max(worst[torch.bfloat16], relative_error(yb, refb))
 print(f"variant OK {worst[torch.float32]:.2e} {worst[torch.bfloat16]:.2e}")
 """
 
