@@ -16,6 +16,7 @@ from .. import fx as tracing
 from ..fx import set_submodule
 from . import exact
 from .config import OptimizeConfig, _mode_for
+from .fold import fold_batchnorms
 from .modules import ExplicitMultiheadAttention
 from .rules import Reduced
 
@@ -151,6 +152,11 @@ def make_plan(work: nn.Module, cfg: OptimizeConfig, inputs, keep=frozenset()) ->
                "place instead (ablated neurons are not propagated across layers)")
         warnings.warn(msg, stacklevel=4)
         notes.append(msg)
+    if traced:
+        folded = fold_batchnorms(gm)
+        if folded:
+            notes.append(f"{folded} BatchNorm2d layer(s) folded into the conv before them (the same function; "
+                         "one pass over each output fewer)")
     if traced and inputs is not None:
         try:
             from torch.fx.passes.shape_prop import ShapeProp

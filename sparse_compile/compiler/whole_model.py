@@ -18,6 +18,7 @@ from ..timing import interleaved_times
 from .cache import DecisionCache
 from .choose import choose
 from .exact import FAULT_REASON
+from .fold import fold_batchnorms
 from .pooling import swap_max_pools
 from .verify import _default_rtol
 
@@ -49,12 +50,7 @@ def _whole_model_check(gm, plan, original, cfg, inputs, dev):
         reference = original(*inputs)
     tol = cfg.verify_rtol if cfg.verify_rtol is not None else _default_rtol(_model_dtype(original), layer=False)
     keep = frozenset(r.name for r in report if FAULT_REASON in r.reason)  # the layers at fault stay as they were
-    # Every candidate pools in channels-last (rewrite swaps the max-pools, see .pooling): so the
-    # original is timed that way too, or the comparison would credit the sparse forms with it.
-    timed_original = original
-    if any(type(m) is nn.MaxPool2d for m in original.modules()):
-        timed_original = copy.deepcopy(original)
-        swap_max_pools(timed_original)
+    timed_original = _like_candidates(original, cfg)
     models = {"optimized": gm, "original": timed_original}
     if "condensed" in cfg.auto_forms and any(r.form != "condensed" and r.sparsity > 0 for r in report):
         c_cfg = copy.copy(cfg)
@@ -106,6 +102,28 @@ def _whole_model_check(gm, plan, original, cfg, inputs, dev):
         + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + f"; kept: {best}"
     )
     return out
+
+
+def _like_candidates(original, cfg):
+    """The original model with the two rewrites every candidate has that are not about sparsity:
+    BatchNorm folded into its conv (.fold, done when a plan is made) and max-pools in channels-last
+    (.pooling, done by the rewrite). Timing the original without them would credit the sparse
+    forms with what they do. Unchanged when there is nothing to fold or swap, or FX cannot trace it."""
+    from .. import fx as tracing
+    from . import exact
+
+    if not any(type(m) in (nn.MaxPool2d, nn.BatchNorm2d) for m in original.modules()):
+        return original
+    m = copy.deepcopy(original)
+    try:
+        gm = tracing.trace(m, cfg.leaf_modules, exact.make_leaf)
+        gm.eval()
+        if fold_batchnorms(gm):
+            m = gm
+    except Exception:  # noqa: BLE001 - then the candidates were not folded either (same trace)
+        pass
+    swap_max_pools(m)
+    return m
 
 
 def _plan(work, cfg, inputs, dev, keep):

@@ -149,7 +149,16 @@ def test_conv_bn_pool_flatten_propagation():
     assert rep["3"].inputs_kept == f"{rep['0'].active}/32"
     # Flatten turns each of the 3x3 channel maps into 9 features.
     assert rep["8"].inputs_kept == f"{rep['3'].active * 9}/288"
-    assert isinstance(opt.get_submodule("1"), nn.BatchNorm2d) and opt.get_submodule("1").num_features == rep["0"].active
+    # The BatchNorms right after the convs were folded into them (compiler/fold.py).
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in opt.modules())
+    # A BatchNorm that is not right after a conv stays, and the removal is propagated through it.
+    model = srigl_init(nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.ReLU(), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 3 * 3, 10),
+    ))
+    opt = check(model, x, "ablated_dense")
+    rep = {r.name: r for r in opt.sparse_compile_report}
+    assert rep["5"].inputs_kept == f"{rep['0'].active * 9}/288"
+    assert isinstance(opt.get_submodule("2"), nn.BatchNorm2d) and opt.get_submodule("2").num_features == rep["0"].active
 
 
 def test_padded_conv_with_nonzero_constant_keeps_full_width():
