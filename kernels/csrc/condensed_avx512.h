@@ -98,10 +98,10 @@ void for_tiles(int64_t blk0, int64_t blk1, int64_t block_bytes, int64_t neuron_b
 // of the weights) or by column blocks (every thread reads, and transposes, only its blocks of x,
 // and all the weights). The columns when x is the larger of the two, or when the neuron split
 // would have every thread transpose all of x itself (fp32, transpose_per_thread); with at least
-// two blocks per thread so the shares stay even. Measured at ViT-B/16's shapes, 197 rows, 2
-// threads, caches flushed between calls (bench/kernel_cpu.py --vit, and interleaved A/B): fp32
-// 3-10% faster than the neuron split at 3072x768, 768x3072 and 768x768; bf16 5% at 768x3072
-// (x 1.2 MB > weights 0.9 MB), even at 3072x768 (x 0.3 MB < weights 0.9 MB).
+// two blocks per thread so the shares stay even. Measured at ViT-B/16's MLP shapes, 197 rows, 2
+// threads, both splits interleaved in one process (a dense GEMM or a cache flush before each
+// call, as in a model): fp32 from level to 10% faster than the neuron split (3072x768, 768x3072,
+// 768x768); bf16 level at 3072x768 (x 0.3 MB < weights 0.9 MB), 0-27% faster at 768x3072.
 inline bool split_columns(int64_t x_bytes, int64_t w_bytes, int64_t nblk, int64_t threads,
                           bool x_per_thread) {
   return threads > 1 && nblk >= 2 * threads && (x_per_thread || x_bytes > w_bytes);
