@@ -8,13 +8,13 @@ constexpr int kBfW = 32;  // columns per step: one 64-byte run of bf16 per fan-i
 // bf16 conv2d on VDPBF16PS (fp32 accumulation): the conv's stride-phase image `img` in bf16 (see
 // condensed_conv_cpu.cpp), every fan-in entry (i, j) a contiguous run of it starting at element
 // off[i, j]; out[i * ncols + l] = bias[i] + sum_j vals[i, j] * img[off[i, j] + l] for l < ncols,
-// neurons [i0, i1), rounded to bf16. As fm_bf16, two entries per instruction (their runs
+// neurons [i0, i1), rounded to bf16 (after ReLU when relu is set). As fm_bf16, two entries per instruction (their runs
 // interleaved in registers); the runs start anywhere, so the loads are unaligned, and the output
 // is neuron-major, so each neuron's 32 columns are stored directly (no transposing tile). Reads
 // up to 31 elements past a run's end (the caller's zero slack); those columns are not stored.
 inline void conv_bf16(const uint16_t* img, int64_t ncols, const c10::BFloat16* vals,
                       const int32_t* off, int64_t k, int64_t i0, int64_t i1,
-                      const c10::BFloat16* bias, c10::BFloat16* out) {
+                      const c10::BFloat16* bias, c10::BFloat16* out, bool relu) {
   constexpr int W = kBfW;
   alignas(64) int32_t sel[2][16];  // as in fm_bf16
   for (int h = 0; h < 2; ++h)
@@ -58,8 +58,14 @@ inline void conv_bf16(const uint16_t* img, int64_t ncols, const c10::BFloat16* v
       }
       const __m512 l = _mm512_add_ps(lo[0], lo[1]), h = _mm512_add_ps(hi[0], hi[1]);
       const __m512 bv = _mm512_set1_ps(bias ? static_cast<float>(bias[i]) : 0.f);
-      const __m256i r0 = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(bv, _mm512_permutex2var_ps(l, s0, h)));
-      const __m256i r1 = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(bv, _mm512_permutex2var_ps(l, s1, h)));
+      __m512 y0 = _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s0, h));
+      __m512 y1 = _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s1, h));
+      if (relu) {  // maxps returns its second operand when it is NaN: NaN stays NaN
+        y0 = _mm512_max_ps(_mm512_setzero_ps(), y0);
+        y1 = _mm512_max_ps(_mm512_setzero_ps(), y1);
+      }
+      const __m256i r0 = (__m256i)_mm512_cvtneps_pbh(y0);
+      const __m256i r1 = (__m256i)_mm512_cvtneps_pbh(y1);
       c10::BFloat16* o = out + i * ncols + l0;
       if (cols == W) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), r0);

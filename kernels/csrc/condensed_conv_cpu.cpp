@@ -1,10 +1,13 @@
 // CPU kernel for the condensed (constant fan-in) conv2d: registers
-// sparse_compile::_condensed_conv2d_cpu (schema and fake kernel in kernels/ops.py). It runs the
+// sparse_compile::_condensed_conv2d_cpu and _condensed_conv2d_relu_cpu (the same followed by ReLU,
+// applied as the outputs are stored; schema and fake kernel in kernels/ops.py). It runs the
 // feature-major product of condensed_kernels.h (shared with the linear op, condensed_cpu.cpp)
 // on a stride-phase split of the padded image, without im2col; bf16 input on the avx512bf16 build
 // runs the VDPBF16PS kernel of condensed_conv_bf16.h (fp32 accumulation, bf16 output).
 
 #include "condensed_kernels.h"
+
+#include <ATen/ops/relu.h>
 #if SC_BF16DP
 #include "condensed_conv_bf16.h"
 #endif
@@ -57,10 +60,12 @@ void fill_phase_planes(const T* x, int64_t C, int64_t H, int64_t W, int64_t ph, 
   });
 }
 
-at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
-                                const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
-                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+// The conv op, and with relu the fused "conv + ReLU" op (ReLU applied as the outputs are stored
+// where the kernel allows, else to the output afterwards).
+at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                     const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                     bool relu) {
   check_common("condensed_conv2d", x, values, indices, bias);
   TORCH_CHECK(x.dim() == 4, "condensed_conv2d: x must be [N, C, H, W], got ", x.sizes());
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
@@ -132,7 +137,7 @@ at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
       // its part of every plane) measured 0-12% slower at batch 1 on ResNet-50's 3x3 convs.
       at::parallel_for(0, n, grain_for(k * ncols), [&](int64_t i0, int64_t i1) {
         sc512conv::conv_bf16(reinterpret_cast<const uint16_t*>(bufp), ncols, vp, offp, k, i0, i1,
-                             bp, dst);
+                             bp, dst, relu);
       });
       if (!direct) out[g].copy_(tmp.view({n, Ho, Wq}).narrow(2, 0, Wo));
     }
@@ -151,6 +156,7 @@ at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t ncols = Ho * Wq;
   at::Tensor tmp = direct ? at::Tensor() : at::empty({n, ncols}, out.options());
   at::Tensor buf = at::empty({img}, out.options());
+  bool relu_done = false;
 
   for (int64_t g = 0; g < N; ++g) {
     const at::Tensor xg = x[g].to(acc_t).contiguous();  // [C, H, W]; a no-op for fp32 NCHW input
@@ -170,8 +176,8 @@ at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
           });
         } else if constexpr (!std::is_same_v<V, double> && std::is_same_v<T, float>) {
           const float* bp = has_bias ? ba.data_ptr<float>() : nullptr;
-          fm_all(bufp, 1, ncols, /*padded=*/true, ncols, 0, vp, offp, n, k, bp,
-                 dst.data_ptr<float>(), ncols, 1);
+          relu_done = fm_all(bufp, 1, ncols, /*padded=*/true, ncols, 0, vp, offp, n, k, bp,
+                             dst.data_ptr<float>(), ncols, 1, relu);
         }
       });
     };
@@ -179,11 +185,27 @@ at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
     else run(buf.data_ptr<float>(), xg.data_ptr<float>());
     if (!direct) out[g].copy_(tmp.view({n, Ho, Wq}).narrow(2, 0, Wo));
   }
+  if (relu && !relu_done) at::relu_(out);
   if (x.scalar_type() != acc_t) out = out.to(x.scalar_type());
   return out;
+}
+
+at::Tensor condensed_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return conv_impl(x, values, indices, bias, kernel_size, stride, padding, dilation, false);
+}
+
+at::Tensor condensed_conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& values,
+                                     const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return conv_impl(x, values, indices, bias, kernel_size, stride, padding, dilation, true);
 }
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_compile, CPU, m) {
   m.impl("_condensed_conv2d_cpu", &condensed_conv2d_cpu);
+  m.impl("_condensed_conv2d_relu_cpu", &condensed_conv2d_relu_cpu);
 }

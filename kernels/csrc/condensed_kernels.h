@@ -92,10 +92,11 @@ inline void transpose8(const __m256 (&v)[8], __m256 (&r)[8]) {
 // read full vectors and only the stores stop at `valid`.
 // (Splitting the input features into L1-sized bands was tried: at 8 columns x 3072 features it
 // cut the cost per (i, j) from L2 but lost more to the extra loop exits; measured slower.)
+// relu: store max(0, y) (NaN stays NaN, as torch.relu).
 template <int NV, bool MASKED, typename V, typename I>
 void fm_block(const float* base, int64_t ld, int64_t l0, int64_t valid, const V* vals, const I* idx,
               int64_t k, int64_t i0, int64_t i1, const float* bias, float* out, int64_t os_n,
-              int64_t os_l) {
+              int64_t os_l, bool relu) {
   constexpr int U = NV >= 4 ? 1 : 4 / NV;  // independent accumulator sets to hide FMA latency
   __m256i mask[NV];
   for (int v = 0; v < NV; ++v) {
@@ -133,6 +134,7 @@ void fm_block(const float* base, int64_t ld, int64_t l0, int64_t valid, const V*
       if (nvalid <= 0) break;
       __m256 s = bv;
       for (int u = 0; u < U; ++u) s = _mm256_add_ps(s, acc[u][v]);
+      if (relu) s = _mm256_max_ps(_mm256_setzero_ps(), s);  // maxps returns s when s is NaN
       float* o = out + i * os_n + (l0 + 8 * v) * os_l;
       if (os_l == 1 && nvalid == 8) {
         _mm256_storeu_ps(o, s);
@@ -168,10 +170,11 @@ void scalar_fm_range(const A* xT, int64_t ld, int64_t ncols, const V* vals, cons
 // either one [rows, ld] matrix (col_block >= ncols) or column blocks [rows, col_block] stacked
 // block_stride apart (col_block a multiple of 8).
 // padded: xT's rows are zero-padded to a multiple of 8 columns, so no load needs a mask.
+// relu: apply ReLU as the outputs are stored (AVX2 builds; returns whether it did).
 template <typename V, typename I>
-void fm_all(const float* xT, int64_t ld, int64_t ncols, bool padded, int64_t col_block,
+bool fm_all(const float* xT, int64_t ld, int64_t ncols, bool padded, int64_t col_block,
             int64_t block_stride, const V* vals, const I* idx, int64_t n, int64_t k,
-            const float* bias, float* out, int64_t os_n, int64_t os_l) {
+            const float* bias, float* out, int64_t os_n, int64_t os_l, bool relu = false) {
   at::parallel_for(0, n, grain_for(k * ncols), [&](int64_t i0, int64_t i1) {
 #if SC_AVX2
     for (int64_t l0 = 0; l0 < ncols;) {
@@ -183,7 +186,8 @@ void fm_all(const float* xT, int64_t ld, int64_t ncols, bool padded, int64_t col
       const int64_t valid = std::min<int64_t>(r, 8 * nv);
       const bool masked = !padded && valid < 8 * nv;
       const float* base = xT + (l0 / col_block) * block_stride + l0 % col_block;
-#define SC_FM(NV, M) fm_block<NV, M>(base, ld, l0, valid, vals, idx, k, i0, i1, bias, out, os_n, os_l)
+#define SC_FM(NV, M) \
+  fm_block<NV, M>(base, ld, l0, valid, vals, idx, k, i0, i1, bias, out, os_n, os_l, relu)
       if (nv == 4) masked ? SC_FM(4, true) : SC_FM(4, false);
       else if (nv == 2) masked ? SC_FM(2, true) : SC_FM(2, false);
       else masked ? SC_FM(1, true) : SC_FM(1, false);
@@ -197,6 +201,7 @@ void fm_all(const float* xT, int64_t ld, int64_t ncols, bool padded, int64_t col
                              vals, idx, k, i0, i1, bias, out + l0 * os_l, os_n, os_l);
 #endif
   });
+  return SC_AVX2 && relu;
 }
 template <typename F>
 void dispatch_v(const at::Tensor& values, F&& f) {

@@ -288,6 +288,10 @@ def _rewrite_and_report(plan, decisions: dict, cfg: OptimizeConfig, inputs, refe
     ``reference`` on ``inputs`` (when given) and attach the report and config."""
     gm = rewrite(plan.gm, plan.slots, decisions, cfg)
     notes = list(plan.notes)
+    relus = sum(getattr(m, "activation", "") == "relu" for m in gm.modules())
+    if relus:
+        notes.append(f"{relus} ReLU(s) fused into the condensed conv before them (on CPU applied as the "
+                     "outputs are stored)")
     pools = sum(isinstance(m, ChannelsLastMaxPool2d) for m in gm.modules())
     if pools:
         notes.append(f"{pools} max-pool layer(s) pool in channels-last on CPU (bit-identical; torch's NCHW "

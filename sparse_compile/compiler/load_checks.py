@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..formats import Condensed
 from ..kernels import validate as _kvalidate
 from .modules import (
+    CONV_ACTIVATIONS,
     CondensedConv2d,
     CondensedLinear,
     ConstantScatter,
@@ -49,6 +50,9 @@ def validate_module(name: str, m: nn.Module) -> None:
         else:
             shape = (n, int(m.in_channels), *m.kernel_size)
         _check(m.values.dim() == 2, name, f"values must be 2-D, got shape {_shape(m.values)}")
+        if isinstance(m, CondensedConv2d):
+            _check(m.activation in CONV_ACTIVATIONS, name,
+                   f"activation must be one of {CONV_ACTIVATIONS}, got {m.activation!r}")
         _check(int(m.out_features if isinstance(m, CondensedLinear) else m.out_channels) == n, name,
                f"{n} condensed rows but the layer declares {m.out_features if isinstance(m, CondensedLinear) else m.out_channels}")
         Condensed.from_tensors(m.values.detach(), m.indices, torch.arange(n, dtype=torch.int64), shape,

@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 
+#: Activations a CondensedConv2d may apply to its output ("" = none).
+CONV_ACTIVATIONS = ("", "relu")
+
+
 def _param(t: Tensor, requires_grad: bool = False) -> nn.Parameter:
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=requires_grad)
 
@@ -127,12 +131,20 @@ class CondensedConv2d(_CondensedWeights):
     """Conv2d (groups=1) over the ``n`` active output channels with a condensed weight.
 
     ``values`` / ``indices [n, k]`` index the fan-in ``in_channels*kh*kw`` in
-    ``weight.reshape(out, -1)`` order.
+    ``weight.reshape(out, -1)`` order. ``activation="relu"``: the output goes through ReLU
+    (``optimize`` fuses a ReLU that follows the layer, see :mod:`.fuse`; on CPU the kernel applies it
+    as it stores the outputs).
     """
 
+    activation = ""  # a file saved before the attribute existed loads as "no activation"
+
     def __init__(self, values: Tensor, indices: Tensor, bias: Optional[Tensor], in_channels: int,
-                 kernel_size, stride=1, padding=0, dilation=1, requires_grad: bool = False):
+                 kernel_size, stride=1, padding=0, dilation=1, requires_grad: bool = False,
+                 activation: str = ""):
         super().__init__(values, indices, bias, requires_grad)
+        if activation not in CONV_ACTIVATIONS:
+            raise ValueError(f"CondensedConv2d: activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.in_channels = int(in_channels)
         self.out_channels = int(values.shape[0])
         self.kernel_size = _pair(kernel_size)
@@ -148,13 +160,14 @@ class CondensedConv2d(_CondensedWeights):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CondensedConv2d: expected input [N, {self.in_channels}, H, W], got shape "
                              f"{tuple(x.shape)}")
-        return kernels.condensed_conv2d(
-            x, self.values, self.indices, self.bias, self.kernel_size, self.stride, self.padding, self.dilation
-        )
+        conv = kernels.condensed_conv2d_relu if self.activation == "relu" else kernels.condensed_conv2d
+        return conv(x, self.values, self.indices, self.bias, self.kernel_size, self.stride, self.padding,
+                    self.dilation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, k={self.k}")
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, k={self.k}"
+                + (f", activation={self.activation}" if self.activation else ""))
 
 
 def _tracing() -> bool:

@@ -10,6 +10,7 @@ from torch import nn
 from .forms import FORMS
 from .modules import ConstantScatter
 from .plan import LayerPlan
+from .fuse import fuse_relus
 from .pooling import swap_max_pools
 
 
@@ -41,8 +42,9 @@ def rewrite(gm: nn.Module, slots: list, decisions: dict, cfg) -> nn.Module:
     Each layer's plan records its decision (``form``, ``reason``, ``times``, ``candidates``,
     ``why_not``, ``rel_err``, ``new_module``: what the report reads); a decision without a module
     gets one built by its form's handler. Max-pooling layers become
-    :class:`~.pooling.ChannelsLastMaxPool2d` (exact, faster on CPU). A traced ``gm`` is recompiled
-    and loses the modules no longer called. Returns ``gm``.
+    :class:`~.pooling.ChannelsLastMaxPool2d` (exact, faster on CPU), and a ReLU after a condensed
+    conv is fused into it (:mod:`.fuse`). A traced ``gm`` is recompiled and loses the modules no
+    longer called. Returns ``gm``.
     """
     for s in slots:
         d = decisions[s.name]
@@ -52,6 +54,7 @@ def rewrite(gm: nn.Module, slots: list, decisions: dict, cfg) -> nn.Module:
         _install(s)
     swap_max_pools(gm)  # after tracing (the plan's trace is done): exact, see .pooling
     if isinstance(gm, fx.GraphModule):
+        fuse_relus(gm)
         gm.graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()

@@ -222,6 +222,30 @@ def test_empty_and_zero_k():
     torch.testing.assert_close(y, b.expand(3, 4))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom", [(3, 1, 1, 1, 11), (3, 2, 1, 1, 12), (1, 1, 0, 1, 5), (3, 1, 2, 2, 17)])
+def test_conv_relu_op_is_relu_of_the_conv(dtype, geom):
+    # The fused op applies ReLU as it stores (fp32 AVX2/AVX-512 store, bf16 VDPBF16PS kernel) or
+    # afterwards (fp64, portable build): the same values as ReLU of the plain op, NaN kept.
+    ks, stride, pad, dil, k = geom
+    g = torch.Generator().manual_seed(k)
+    cin, cout = 6, 13
+    idx = torch.rand(cout, cin * ks * ks, generator=g).argsort(1)[:, :k].sort(1).values.to(torch.int16)
+    v = torch.randn(cout, k, generator=g).to(dtype)
+    b = torch.randn(cout, generator=g).to(dtype)
+    x = torch.randn(2, cin, 15, 9, generator=g).to(dtype)
+    x[0, :, 4, 4] = float("nan")
+    args = (x, v, idx, b, (ks, ks), (stride, stride), (pad, pad), (dil, dil))
+    plain = torch.ops.sparse_compile._condensed_conv2d_cpu(*args)
+    fused = torch.ops.sparse_compile._condensed_conv2d_relu_cpu(*args)
+    ref = torch.relu(plain) if dtype != torch.bfloat16 else torch.relu(plain.float())
+    assert fused.dtype == dtype and fused.shape == plain.shape
+    assert torch.isnan(fused).any() and torch.equal(torch.isnan(fused), torch.isnan(plain))
+    tol = 0 if dtype != torch.bfloat16 else 1e-2  # bf16: ReLU before rounding, not after
+    torch.testing.assert_close(fused.float().nan_to_num(), ref.float().nan_to_num(), rtol=tol, atol=tol)
+    assert (fused.nan_to_num() >= 0).all()
+
+
 @HYP
 @given(
     batch=st.integers(0, 3),
@@ -329,6 +353,13 @@ for stride, padding, dilation in ((1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)):
     yb = condensed_conv2d(xb, vb, i11, bb, 3, stride, padding, dilation)
     assert yb.dtype == torch.bfloat16
     worst[torch.bfloat16] = max(worst[torch.bfloat16], relative_error(yb, refb))
+    # the fused conv + ReLU op, both dtypes
+    yr = torch.ops.sparse_compile._condensed_conv2d_relu_cpu(xb, vb, i11, bb, (3, 3), (stride, stride),
+                                                              (padding, padding), (dilation, dilation))
+    worst[torch.bfloat16] = max(worst[torch.bfloat16], relative_error(yr, torch.relu(refb)))
+    yr = torch.ops.sparse_compile._condensed_conv2d_relu_cpu(x, v, idx, None, (3, 3), (stride, stride),
+                                                              (padding, padding), (dilation, dilation))
+    worst[torch.float32] = max(worst[torch.float32], relative_error(yr, torch.relu(ref)))
 print(f"variant OK {worst[torch.float32]:.2e} {worst[torch.bfloat16]:.2e}")
 """
 
