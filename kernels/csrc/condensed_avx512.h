@@ -17,11 +17,8 @@
 // broadcasts; 32-column blocks with the new loop.
 //
 // bf16 (SC_BF16DP): xT holds bf16, so a gathered row of 32 columns is one 64-byte load, and two
-// fan-in entries are combined per VDPBF16PS: rows a = xT[idx[j]] and b = xT[idx[j + 1]] are
-// interleaved (vpunpck{l,h}wd, within 128-bit lanes) into (a_l, b_l) pairs and multiplied by the
-// pair (v_j, v_j+1), which is exactly the 32 bits at vals + j. Accumulation is fp32; the
-// interleave permutes the columns within each lane, undone once per neuron (vpermt2ps). Half the
-// bytes per MAC of the fp32 kernel, and measured ~2x its rate.
+// fan-in entries are combined per VDPBF16PS (scbf16::Dot32, condensed_bf16dp.h, shared with the
+// conv). Half the bytes per MAC of the fp32 kernel, and measured ~2x its rate.
 //
 // Output: out [B, n] (row-major, the layout F.linear returns). A neuron produces W columns of one
 // output column; 16 neurons are collected in a tile and written as transposes, so each store is a
@@ -300,17 +297,7 @@ void fm_bf16(const uint16_t* xT, const uint16_t* x_rows, int64_t ldx, int64_t in
     to_column_blocks(x_rows + r0 * ldx, ldx, rows, in, W, xg, tile8_bf16);
     g_first = g0;
   };
-  // Accumulator lane p of the unpacklo product holds column 8 * (p / 4) + p % 4, of the unpackhi
-  // product column 8 * (p / 4) + 4 + p % 4; sel[h] puts columns 16h..16h+15 back in order
-  // (indices >= 16 pick from the unpackhi accumulator).
-  alignas(64) int32_t sel[2][16];
-  for (int h = 0; h < 2; ++h)
-    for (int c = 0; c < 16; ++c) {
-      const int col = 16 * h + c, L = col / 8, e = col % 8;
-      sel[h][c] = e < 4 ? 4 * L + e : 16 + 4 * L + e - 4;
-    }
-  const __m512i s0 = _mm512_load_si512(sel[0]), s1 = _mm512_load_si512(sel[1]);
-  const __m512i zero = _mm512_setzero_si512();
+  const scbf16::Dot32 dot;
   for_tiles(blk0, blk1, in * W * 2, k * int64_t(2 + sizeof(I)), i0, i1, [&](int64_t blk, int64_t i8, int64_t nq) {
     {
       const uint16_t* base = x_rows ? xg + (blk - g_first) * in * W : xT + blk * in * W;
@@ -319,37 +306,11 @@ void fm_bf16(const uint16_t* xT, const uint16_t* x_rows, int64_t ldx, int64_t in
         const int64_t i = i8 + q;
         const c10::BFloat16* vr = vals + i * k;
         const I* ir = idx + i * k;
-        __m512 lo[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-        __m512 hi[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-        auto pair = [&](int u, int64_t j) {
-          uint32_t wp;
-          std::memcpy(&wp, vr + j, 4);
-          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(wp));
-          const __m512i a = _mm512_load_si512(base + static_cast<int64_t>(ir[j]) * W);
-          const __m512i b = _mm512_load_si512(base + static_cast<int64_t>(ir[j + 1]) * W);
-          lo[u] = _mm512_dpbf16_ps(lo[u], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
-          hi[u] = _mm512_dpbf16_ps(hi[u], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
-        };
-        int64_t j = 0;
-        for (; j + 4 <= k; j += 4) {
-          pair(0, j);
-          pair(1, j + 2);
-        }
-        if (j + 2 <= k) {
-          pair(0, j);
-          j += 2;
-        }
-        if (j < k) {  // odd fan-in: the last entry pairs with zeros (not with a row times 0,
-                      // which would turn an inf in x into NaN)
-          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(vr[j].x));
-          const __m512i a = _mm512_load_si512(base + static_cast<int64_t>(ir[j]) * W);
-          lo[1] = _mm512_dpbf16_ps(lo[1], (__m512bh)_mm512_unpacklo_epi16(a, zero), w);
-          hi[1] = _mm512_dpbf16_ps(hi[1], (__m512bh)_mm512_unpackhi_epi16(a, zero), w);
-        }
-        const __m512 l = _mm512_add_ps(lo[0], lo[1]), h = _mm512_add_ps(hi[0], hi[1]);
-        const __m512 bv = _mm512_set1_ps(bias ? static_cast<float>(bias[i]) : 0.f);
-        _mm512_store_ps(&tile[q][0], _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s0, h)));
-        _mm512_store_ps(&tile[q][16], _mm512_add_ps(bv, _mm512_permutex2var_ps(l, s1, h)));
+        __m512 y0, y1;
+        dot.run<true>(vr, k, [&](int64_t j) { return base + static_cast<int64_t>(ir[j]) * W; },
+                      bias ? static_cast<float>(bias[i]) : 0.f, y0, y1);
+        _mm512_store_ps(&tile[q][0], y0);
+        _mm512_store_ps(&tile[q][16], y1);
       }
       store_tile<W>(tile, nq, cols, out, n, blk * W, i8);
     }

@@ -9,6 +9,7 @@
 
 #include <ATen/ops/relu.h>
 #if SC_BF16DP
+#include "condensed_bf16dp.h"
 #include "condensed_conv_bf16.h"
 #endif
 

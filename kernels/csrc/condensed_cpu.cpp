@@ -166,6 +166,9 @@ inline void tile8_f32(const float* s, int64_t ld, int64_t nrows, float* d, int64
 #endif
 }
 
+#if SC_BF16DP
+#include "condensed_bf16dp.h"
+#endif
 #if SC_AVX512
 #include "condensed_avx512.h"
 #endif
