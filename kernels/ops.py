@@ -32,8 +32,7 @@ from . import cpu, validate
 from .checks import INDEX_DTYPES, VALUE_DTYPES, check_conv_geometry, check_linear_args, conv_out_hw
 from .reference import condensed_conv2d_ref, condensed_linear_ref, dense_weight
 
-__all__ = ["condensed_linear", "condensed_conv2d", "condensed_conv2d_relu", "csr_mm", "check_linear_args",
-           "check_conv2d_args"]
+__all__ = ["condensed_linear", "condensed_conv2d", "csr_mm", "check_linear_args", "check_conv2d_args"]
 
 # ---------------------------------------------------------------------------------------------
 # Private C++ CPU ops: schema + fake here, CPU kernels registered by kernels/csrc/condensed_cpu.cpp
@@ -41,14 +40,13 @@ __all__ = ["condensed_linear", "condensed_conv2d", "condensed_conv2d_relu", "csr
 # ---------------------------------------------------------------------------------------------
 _lib = torch.library.Library("sparse_compile", "FRAGMENT")
 _lib.define("_condensed_linear_cpu(Tensor x, Tensor values, Tensor indices, Tensor? bias) -> Tensor")
-_lib.define(
-    "_condensed_conv2d_cpu(Tensor x, Tensor values, Tensor indices, Tensor? bias, int[2] kernel_size, "
-    "int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
-)
-_lib.define(  # the same followed by ReLU (condensed_conv2d_relu)
-    "_condensed_conv2d_relu_cpu(Tensor x, Tensor values, Tensor indices, Tensor? bias, int[2] kernel_size, "
-    "int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
-)
+# The conv, and the same followed by ReLU (condensed_conv2d(..., relu=True)).
+_CONV_CPU_OPS = ("_condensed_conv2d_cpu", "_condensed_conv2d_relu_cpu")
+for _name in _CONV_CPU_OPS:
+    _lib.define(
+        f"{_name}(Tensor x, Tensor values, Tensor indices, Tensor? bias, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
+    )
 
 
 @torch.library.register_fake("sparse_compile::_condensed_linear_cpu", lib=_lib)
@@ -56,13 +54,13 @@ def _linear_cpu_fake(x, values, indices, bias):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
-@torch.library.register_fake("sparse_compile::_condensed_conv2d_cpu", lib=_lib)
 def _conv_cpu_fake(x, values, indices, bias, kernel_size, stride, padding, dilation):
     ho, wo = conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     return x.new_empty((x.shape[0], values.shape[0], ho, wo))
 
 
-torch.library.register_fake("sparse_compile::_condensed_conv2d_relu_cpu", _conv_cpu_fake, lib=_lib)
+for _name in _CONV_CPU_OPS:
+    torch.library.register_fake(f"sparse_compile::{_name}", _conv_cpu_fake, lib=_lib)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,36 +357,6 @@ def condensed_linear(
     return torch.ops.sparse_compile.condensed_linear(x, values, indices, bias)
 
 
-def _check_conv2d_call(x, values, indices, bias, kernel_size, stride, padding, dilation):
-    """Every check a condensed conv call needs before a kernel reads x; returns the geometry pairs."""
-    ks, st, pd, dl = check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation)
-    if not (_is_compiling() or validate.fast_ok(indices, x.shape[1] * ks[0] * ks[1])):
-        validate.check_conv2d(x, indices, ks)
-    return ks, st, pd, dl
-
-
-def condensed_conv2d_relu(
-    x: Tensor,
-    values: Tensor,
-    indices: Tensor,
-    bias: Optional[Tensor] = None,
-    kernel_size: Sequence[int] = (1, 1),
-    stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0),
-    dilation: Sequence[int] = (1, 1),
-) -> Tensor:
-    """``F.relu(condensed_conv2d(...))``, same arguments and checks as :func:`condensed_conv2d`.
-
-    On CPU in plain eager inference one C++ call that applies ReLU as it stores the outputs (one
-    pass over the output fewer); elsewhere (autograd, torch.compile, CUDA) exactly
-    ``F.relu(condensed_conv2d(...))``.
-    """
-    ks, st, pd, dl = _check_conv2d_call(x, values, indices, bias, kernel_size, stride, padding, dilation)
-    if _plain_eager(x, values, bias) and x.device.type == "cpu" and _CPU_OP is not None:
-        return torch.ops.sparse_compile._condensed_conv2d_relu_cpu.default(x, values, indices, bias, ks, st, pd, dl)
-    return torch.relu(condensed_conv2d(x, values, indices, bias, ks, st, pd, dl))
-
-
 def condensed_conv2d(
     x: Tensor,
     values: Tensor,
@@ -398,20 +366,31 @@ def condensed_conv2d(
     stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0),
     dilation: Sequence[int] = (1, 1),
+    *,
+    relu: bool = False,
 ) -> Tensor:
     """Conv2d (groups=1) of ``x [N, C, H, W]`` with a condensed weight.
 
     ``values``/``indices [n, k]`` index the fan-in ``C*kh*kw`` in ``weight.reshape(out, -1)`` order
     (F.unfold's column order). Ints or pairs for kernel_size/stride/padding/dilation. Returns
-    ``[N, n, Ho, Wo]``. Calls ``torch.ops.sparse_compile.condensed_conv2d``.
+    ``[N, n, Ho, Wo]``. Calls ``torch.ops.sparse_compile.condensed_conv2d``. ``relu=True`` returns
+    ``relu`` of that: on CPU in plain eager inference one C++ call that applies it as the outputs
+    are stored (one pass over the output fewer), elsewhere (autograd, torch.compile, CUDA) a
+    ``torch.relu`` after the op.
     """
-    ks, st, pd, dl = _check_conv2d_call(x, values, indices, bias, kernel_size, stride, padding, dilation)
+    ks, st, pd, dl = check_conv2d_args(x, values, indices, bias, kernel_size, stride, padding, dilation)
+    if not (_is_compiling() or validate.fast_ok(indices, x.shape[1] * ks[0] * ks[1])):
+        validate.check_conv2d(x, indices, ks)
     if _plain_eager(x, values, bias):
         dev = x.device.type
         if dev == "cpu" and _CPU_OP is not None:
-            return torch.ops.sparse_compile._condensed_conv2d_cpu.default(x, values, indices, bias, ks, st, pd, dl)
+            ops = torch.ops.sparse_compile
+            op = ops._condensed_conv2d_relu_cpu if relu else ops._condensed_conv2d_cpu
+            return op.default(x, values, indices, bias, ks, st, pd, dl)
         if dev == "cuda":
             fn = _triton_fn("triton_conv", "condensed_conv2d_triton")
             if fn is not None:
-                return fn(x, values, indices, bias, ks, st, pd, dl)
-    return torch.ops.sparse_compile.condensed_conv2d(x, values, indices, bias, ks, st, pd, dl)
+                y = fn(x, values, indices, bias, ks, st, pd, dl)
+                return torch.relu(y) if relu else y
+    y = torch.ops.sparse_compile.condensed_conv2d(x, values, indices, bias, ks, st, pd, dl)
+    return torch.relu(y) if relu else y

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Iterable, Optional
 
 import torch
@@ -105,3 +106,17 @@ def output_feeding_modules(gm: fx.GraphModule) -> set[str]:
             continue
         stack.extend(n.all_input_nodes)
     return found
+
+
+def has_any_hook(m: nn.Module) -> bool:
+    """Whether ``m`` has any forward, forward-pre or backward hook (pruning's included): a pass that
+    changes ``m``'s weights or removes its call must leave such a module alone."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
+
+
+def called_once(gm: fx.GraphModule) -> set[str]:
+    """Targets of the modules ``gm`` calls from exactly one node and holds under one name only, so
+    that a pass may change what that one call computes."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    names = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
+    return {t for t, c in calls.items() if c == 1 and names[id(gm.get_submodule(t))] == 1}

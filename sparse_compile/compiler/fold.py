@@ -14,36 +14,30 @@ bf16: one rounding instead of BatchNorm's second one).
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..fx import called_once, has_any_hook
+
 __all__ = ["fold_batchnorms"]
 
 
-def _plain(m: nn.Module) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None))
-
-
-def _foldable(gm: fx.GraphModule, conv_node: fx.Node, bn_node: fx.Node, calls: Counter, names: Counter,
-              read: set) -> bool:
+def _foldable(gm: fx.GraphModule, conv_node: fx.Node, bn_node: fx.Node, once: set, read: set) -> bool:
     conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
-    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and _plain(conv) and _plain(bn)
+    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
+            and not has_any_hook(conv) and not has_any_hook(bn)
             and not bn.training and bn.track_running_stats and bn.running_mean is not None
             and bn.num_features == conv.out_channels
             and len(conv_node.users) == 1 and len(bn_node.args) == 1 and not bn_node.kwargs
-            and calls[conv_node.target] == 1 and calls[bn_node.target] == 1
-            and names[id(conv)] == 1 and names[id(bn)] == 1
+            and conv_node.target in once and bn_node.target in once
             and conv_node.target not in read)
 
 
 def fold_batchnorms(gm: fx.GraphModule) -> int:
     """Fold every foldable ``conv -> BatchNorm2d`` pair of ``gm`` in place (see the module
     docstring); the BatchNorm nodes leave the graph. Returns how many were folded."""
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    names = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
+    once = called_once(gm)
     # Modules whose parameters the graph reads directly (get_attr "conv.weight" and the like).
     read = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
     folded = 0
@@ -53,7 +47,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> int:
         conv_node = bn_node.args[0]
         if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"):
             continue
-        if not _foldable(gm, conv_node, bn_node, calls, names, read):
+        if not _foldable(gm, conv_node, bn_node, once, read):
             continue
         conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
         with torch.no_grad():

@@ -160,9 +160,8 @@ class CondensedConv2d(_CondensedWeights):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CondensedConv2d: expected input [N, {self.in_channels}, H, W], got shape "
                              f"{tuple(x.shape)}")
-        conv = kernels.condensed_conv2d_relu if self.activation == "relu" else kernels.condensed_conv2d
-        return conv(x, self.values, self.indices, self.bias, self.kernel_size, self.stride, self.padding,
-                    self.dilation)
+        return kernels.condensed_conv2d(x, self.values, self.indices, self.bias, self.kernel_size, self.stride,
+                                        self.padding, self.dilation, relu=self.activation == "relu")
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

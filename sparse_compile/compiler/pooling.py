@@ -1,4 +1,4 @@
-"""Max-pooling in channels-last on CPU: the one non-sparse rewrite ``optimize`` makes (exact).
+"""Max-pooling in channels-last on CPU: one of ``optimize``'s exact rewrites that are not about sparsity.
 
 torch's CPU ``max_pool2d`` on a contiguous NCHW tensor walks each channel's plane on its own; in
 channels-last it runs vectorised across channels. For ResNet-50's stem pool (64 x 112 x 112,

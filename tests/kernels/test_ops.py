@@ -113,17 +113,16 @@ def test_compile_fullgraph_conv_calls_cpp_kernel():
 def test_conv_relu_wrapper_eager_and_compiled():
     # Eager inference: the fused C++ op. Under torch.compile: the public conv op, then a ReLU that
     # inductor generates (the fused op is an eager shortcut). Same values either way.
-    from sparse_compile.kernels import condensed_conv2d_relu
-
     values, idx, w = _condensed(6, 3 * 3 * 3, 7)
     b = torch.randn(6)
     x = torch.randn(2, 3, 10, 10)
     ref = F.relu(F.conv2d(x, w.reshape(6, 3, 3, 3), b, 2, 1, 1))
     with torch.inference_mode():
-        torch.testing.assert_close(condensed_conv2d_relu(x, values, idx, b, 3, 2, 1, 1), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(condensed_conv2d(x, values, idx, b, 3, 2, 1, 1, relu=True), ref, rtol=1e-5,
+                                   atol=1e-5)
 
     def f(x):
-        return condensed_conv2d_relu(x, values, idx, b, 3, 2, 1, 1)
+        return condensed_conv2d(x, values, idx, b, 3, 2, 1, 1, relu=True)
 
     y, code = _run_code(torch.compile(f, fullgraph=True), x)
     assert "torch.ops.sparse_compile._condensed_conv2d_cpu" in code
